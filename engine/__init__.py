@@ -1,0 +1,1 @@
+"""qMachina compute core: DBN replay, L3 book, silver grid."""

@@ -1,0 +1,1 @@
+"""qMachina domain: specs, settings, CLI."""
