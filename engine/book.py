@@ -46,6 +46,7 @@ class OrderBook:
         self.meta[k.M_BEST_ASK] = k.EMPTY
         self._allocate_orders(order_capacity)
         self.levels = np.zeros((0, k.LEVEL_COLUMNS), dtype=np.int64)
+        self.changes = np.zeros((k.MAX_CHANGES, k.CHANGE_COLUMNS), dtype=np.int64)
         k.clear_book(
             self.orders, self.hash_keys, self.hash_slots, self.levels, self.free_slots, self.meta
         )
@@ -83,6 +84,7 @@ class OrderBook:
                 self.free_slots,
                 self.meta,
                 self.anomaly_counts,
+                self.changes,
                 stop_at_last,
             )
             if status in (k.STATUS_DONE, k.STATUS_STOPPED):
@@ -163,6 +165,16 @@ class OrderBook:
     @property
     def events_applied(self) -> int:
         return int(self.meta[k.M_EVENTS])
+
+    @property
+    def last_ts_recv(self) -> int:
+        """ts_recv of the last record applied."""
+        return int(self.meta[k.M_LAST_TS_RECV])
+
+    @property
+    def last_sequence(self) -> int:
+        """Sequence number of the last record applied."""
+        return int(self.meta[k.M_LAST_SEQUENCE])
 
     def best_tick(self, side: int) -> int | None:
         """Absolute tick of the best bid (side 0) or ask (side 1), or None for an empty side."""

@@ -33,6 +33,7 @@ from engine.events import (
     SIDE_BID,
     UNDEF_PRICE,
 )
+from engine.jit import hot_kernel
 
 # Order row columns.
 O_TICK = 0
@@ -115,7 +116,7 @@ def _hash_home(order_id: np.uint64, mask: int) -> int:
     return int((order_id * HASH_MULTIPLIER) >> np.uint64(32)) & mask
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def hash_find(hash_keys: np.ndarray, hash_slots: np.ndarray, order_id: np.uint64) -> int:
     """Slot of ``order_id`` or -1."""
     mask = hash_keys.shape[0] - 1
@@ -129,7 +130,7 @@ def hash_find(hash_keys: np.ndarray, hash_slots: np.ndarray, order_id: np.uint64
         pos = (pos + 1) & mask
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def hash_insert(
     hash_keys: np.ndarray, hash_slots: np.ndarray, order_id: np.uint64, slot: int
 ) -> None:
@@ -141,7 +142,7 @@ def hash_insert(
     hash_slots[pos] = slot
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def hash_delete(hash_keys: np.ndarray, hash_slots: np.ndarray, order_id: np.uint64) -> None:
     """Remove ``order_id`` and shift the following cluster back (keeps probes short)."""
     mask = hash_keys.shape[0] - 1
@@ -165,7 +166,7 @@ def hash_delete(hash_keys: np.ndarray, hash_slots: np.ndarray, order_id: np.uint
     hash_slots[hole] = EMPTY
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _link_tail(orders: np.ndarray, levels: np.ndarray, lv: int, slot: int) -> None:
     tail = levels[lv, L_TAIL]
     orders[slot, O_PREV] = tail
@@ -179,7 +180,7 @@ def _link_tail(orders: np.ndarray, levels: np.ndarray, lv: int, slot: int) -> No
     levels[lv, L_COUNT] += 1
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _unlink(orders: np.ndarray, levels: np.ndarray, lv: int, slot: int) -> None:
     prev = orders[slot, O_PREV]
     nxt = orders[slot, O_NEXT]
@@ -195,7 +196,7 @@ def _unlink(orders: np.ndarray, levels: np.ndarray, lv: int, slot: int) -> None:
     levels[lv, L_COUNT] -= 1
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _after_level_gain(meta: np.ndarray, side: int, idx: int) -> None:
     if side == 0:
         if idx > meta[M_BEST_BID]:
@@ -204,7 +205,7 @@ def _after_level_gain(meta: np.ndarray, side: int, idx: int) -> None:
         meta[M_BEST_ASK] = idx
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _after_level_loss(meta: np.ndarray, levels: np.ndarray, side: int, idx: int) -> None:
     """Move the best price off a level that just emptied."""
     width = meta[M_WIDTH]
@@ -249,7 +250,7 @@ def clear_book(
     meta[M_BEST_ASK] = EMPTY
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _remove_quantity(
     orders: np.ndarray,
     levels: np.ndarray,
@@ -280,7 +281,7 @@ def _remove_quantity(
     return n_changes
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _delete_order(
     orders: np.ndarray,
     hash_keys: np.ndarray,
@@ -303,7 +304,7 @@ def _delete_order(
     _after_level_loss(meta, levels, side, idx)
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _place_order(
     orders: np.ndarray,
     order_ids: np.ndarray,
@@ -325,13 +326,13 @@ def _place_order(
     _after_level_gain(meta, side, idx)
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _tick_fits(meta: np.ndarray, tick: int) -> bool:
     idx = tick - meta[M_BASE_TICK]
     return 0 <= idx < meta[M_WIDTH]
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def book_valid(meta: np.ndarray) -> bool:
     """Both sides present and not crossed."""
     return (
@@ -341,7 +342,7 @@ def book_valid(meta: np.ndarray) -> bool:
     )
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def apply_event(
     events: np.ndarray,
     i: int,
@@ -471,7 +472,7 @@ def _report(changes: np.ndarray, n: int, kind: int, side: int, tick: int, quanti
     return n + 1
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _modify(
     orders: np.ndarray,
     order_ids: np.ndarray,
@@ -511,7 +512,7 @@ def _modify(
     return n
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _end_group(meta: np.ndarray, anomalies: np.ndarray, flags: int) -> None:
     """F_LAST: the book is consistent; fills not matched by a depth decrease expire."""
     meta[M_GROUP] += 1
@@ -524,7 +525,7 @@ def _end_group(meta: np.ndarray, anomalies: np.ndarray, flags: int) -> None:
         anomalies[A_CROSSED_AFTER_LAST] += 1
 
 
-@nb.njit(nogil=True, cache=True)
+@hot_kernel
 def apply_events(
     events: np.ndarray,
     start: int,
@@ -536,11 +537,11 @@ def apply_events(
     free_slots: np.ndarray,
     meta: np.ndarray,
     anomalies: np.ndarray,
+    changes: np.ndarray,
     stop_at_last: bool,
 ) -> tuple[int, int]:
     """Book only: apply ``events[start:]``. Returns ``(status, next_index)``; with
     ``stop_at_last`` it stops (``STATUS_STOPPED``) after each record carrying F_LAST."""
-    changes = np.empty((MAX_CHANGES, CHANGE_COLUMNS), dtype=np.int64)
     n = events.shape[0]
     for i in range(start, n):
         result = apply_event(

@@ -21,7 +21,8 @@ EVENT_DTYPE = np.dtype(
         ("side", "u1"),
         ("flags", "u1"),
         ("channel_id", "u1"),
-    ]
+    ],
+    align=True,  # no padding is needed (48 bytes); this lets numba emit aligned loads
 )
 
 PRICE_SCALE = 1_000_000_000

@@ -123,13 +123,24 @@ def silver_schema(config: GridConfig) -> pa.Schema:
 class SilverBuilder:
     """Feeds event batches through the book and the grid; yields silver record batches."""
 
-    def __init__(self, config: GridConfig, bins_per_batch: int = DEFAULT_BINS_PER_BATCH) -> None:
+    def __init__(
+        self,
+        config: GridConfig,
+        bins_per_batch: int = DEFAULT_BINS_PER_BATCH,
+        *,
+        session_start_ns: int | None = None,
+    ) -> None:
+        """``session_start_ns``: records before it build the book only; bin 0 opens there."""
         self.config = config
         self.schema = silver_schema(config)
         self.book = OrderBook(config.tick_size)
         self.params = config.kernel_params()
         n_grid = config.n_absolute_ticks
         self.grid_meta = np.zeros(sk.GRID_META_SIZE, dtype=np.int64)
+        if session_start_ns is not None:
+            if session_start_ns <= 0:
+                raise ValueError(f"session_start_ns must be positive, got {session_start_ns}")
+            self.grid_meta[sk.G_SESSION_START] = session_start_ns
         self.grid = np.zeros((sk.GRID_ROWS, n_grid), dtype=np.float64)
         rows = bins_per_batch * (2 * config.grid_radius_ticks + 1)
         self.bins_out = np.zeros((bins_per_batch, sk.BIN_COLUMNS), dtype=np.int64)
@@ -181,6 +192,7 @@ class SilverBuilder:
                 self.bins_out,
                 self.rows_float,
                 self.rows_depth,
+                book.changes,
                 stop_at_bin_seq,
             )
             index = int(index)
@@ -195,19 +207,25 @@ class SilverBuilder:
             else:
                 book.grow_for(int(status), events, index)
 
-    def finish(self) -> list[pa.RecordBatch]:
-        """End of stream: close the open bin and return what is left."""
+    def finish(self, until_ns: int | None = None) -> list[pa.RecordBatch]:
+        """End of stream: close the open bin (and, given a session end ``until_ns``, every bin
+        that starts before it) and return what is left."""
         batches = self._take_output()
-        sk.finish_silver(
-            self.book.levels,
-            self.book.meta,
-            self.grid_meta,
-            self.params,
-            self.grid,
-            self.bins_out,
-            self.rows_float,
-            self.rows_depth,
-        )
+        while (
+            sk.finish_silver(
+                self.book.levels,
+                self.book.meta,
+                self.grid_meta,
+                self.params,
+                self.grid,
+                self.bins_out,
+                self.rows_float,
+                self.rows_depth,
+                0 if until_ns is None else until_ns,
+            )
+            == sk.STATUS_STOPPED
+        ):
+            batches.extend(self._take_output())
         batches.extend(self._take_output())
         return batches
 

@@ -10,7 +10,8 @@ bin end, so quiet ticks decay passively, and it sees the bin's whole change, so 
 bin counts however many share a timestamp.
 
 A bin closes only when the book is consistent (after an F_LAST), so a bin never ends inside a
-group of records. Snapshot records build the book but neither move the bin clock nor count as flow.
+group of records. Snapshot records, and records before a session start, build the book but
+neither move the bin clock nor count as flow; with a session start, bin 0 opens at it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from engine import book_kernel as bk
 from engine.events import F_LAST, F_SNAPSHOT
+from engine.jit import hot_kernel
 
 N_CHANNELS = 6
 CH_ADD, CH_PULL, CH_FILL, CH_REST, CH_BID, CH_ASK = range(N_CHANNELS)
@@ -53,6 +55,7 @@ G_OUT_BINS = 11  # bins written into the output buffers since the last flush
 G_OUT_ROWS = 12
 G_REANCHORS = 13
 G_LATE_EVENTS = 14  # events whose clock time was before the open bin (clamped into it)
+G_SESSION_START = 15  # ns; records before it only build the book (0: no session start)
 GRID_META_SIZE = 16
 
 # Parameters (``params`` float64).
@@ -121,7 +124,7 @@ def make_params(
     return params
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _read_depth(levels: np.ndarray, meta: np.ndarray, grid_base: int, grid: np.ndarray) -> None:
     """Resting, bid and ask depth at every grid tick into the scratch rows, from the book."""
     n_grid = grid.shape[1]
@@ -140,7 +143,7 @@ def _read_depth(levels: np.ndarray, meta: np.ndarray, grid_base: int, grid: np.n
         grid[ROW_DEPTH + 2, g] = ask
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _update_grid(
     levels: np.ndarray,
     meta: np.ndarray,
@@ -184,7 +187,7 @@ def _update_grid(
             vel[g] = v_new
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _reset_depth_baseline(
     levels: np.ndarray, meta: np.ndarray, grid: np.ndarray, grid_base: int, lo: int, hi: int
 ) -> None:
@@ -196,7 +199,7 @@ def _reset_depth_baseline(
             grid[ROW_PREV + CH_REST + r, g] = grid[ROW_DEPTH + r, g]
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _shift_grid(
     grid_meta: np.ndarray, new_base: int, levels: np.ndarray, meta: np.ndarray, grid: np.ndarray
 ) -> None:
@@ -205,20 +208,23 @@ def _shift_grid(
     shift = new_base - grid_meta[G_BASE]
     n_grid = grid.shape[1]
     kept = max(0, n_grid - abs(shift))
+    # Copy in the direction that never overwrites a tick before it is read.
     if shift > 0:
-        grid[:, :kept] = grid[:, shift : shift + kept].copy()
-        grid[:, kept:] = 0.0
+        for g in range(n_grid):
+            for r in range(GRID_ROWS):
+                grid[r, g] = grid[r, g + shift] if g < kept else 0.0
         entering_lo, entering_hi = kept, n_grid
     else:
-        grid[:, n_grid - kept :] = grid[:, :kept].copy()
-        grid[:, : n_grid - kept] = 0.0
+        for g in range(n_grid - 1, -1, -1):
+            for r in range(GRID_ROWS):
+                grid[r, g] = grid[r, g + shift] if g >= n_grid - kept else 0.0
         entering_lo, entering_hi = 0, n_grid - kept
     grid_meta[G_BASE] = new_base
     _reset_depth_baseline(levels, meta, grid, new_base, entering_lo, entering_hi)
     grid_meta[G_REANCHORS] += 1
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def close_bin(
     levels: np.ndarray,
     meta: np.ndarray,
@@ -307,7 +313,7 @@ def close_bin(
     grid_meta[G_BIN_EVENTS] = 0
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, inline="always")
 def _anchor(levels: np.ndarray, meta: np.ndarray, grid_meta: np.ndarray, grid: np.ndarray) -> None:
     """Place the absolute grid around the first valid spot."""
     base = meta[bk.M_BASE_TICK]
@@ -319,7 +325,7 @@ def _anchor(levels: np.ndarray, meta: np.ndarray, grid_meta: np.ndarray, grid: n
     _reset_depth_baseline(levels, meta, grid, grid_base, 0, n_grid)
 
 
-@nb.njit(nogil=True, cache=True)
+@hot_kernel
 def build_silver(
     events: np.ndarray,
     start: int,
@@ -337,6 +343,7 @@ def build_silver(
     bins_out: np.ndarray,
     rows_float: np.ndarray,
     rows_depth: np.ndarray,
+    changes: np.ndarray,
     stop_at_bin_seq: int,
 ) -> tuple[int, int]:
     """Book + silver over ``events[start:]``. Returns ``(status, next_index)``.
@@ -345,7 +352,6 @@ def build_silver(
     full, or when the bin numbered ``stop_at_bin_seq`` is about to open (a checkpoint point).
     A negative-free ``bk.STATUS_NEED_*`` status means a book array must grow first.
     """
-    changes = np.empty((bk.MAX_CHANGES, bk.CHANGE_COLUMNS), dtype=np.int64)
     width_ns = np.int64(params[P_BIN_WIDTH_NS])
     clock_is_recv = params[P_CLOCK_IS_RECV] != 0.0
     inv_tau_ns = params[P_INV_TAU_REST_NS]
@@ -357,12 +363,16 @@ def build_silver(
     for i in range(start, n):
         ev = events[i]
         flags = ev.flags
-        snapshot = (flags & F_SNAPSHOT) != 0
+        # Snapshot records, and records before the session start, only build the book.
+        warmup = (flags & F_SNAPSHOT) != 0
         t = np.int64(0)
-        if not snapshot:
+        if not warmup:
             t = np.int64(ev.ts_recv) if clock_is_recv else np.int64(ev.ts_event)
+            warmup = t < grid_meta[G_SESSION_START]
+        if not warmup:
             if grid_meta[G_STARTED] == 0:
-                grid_meta[G_BIN_START] = t - t % width_ns
+                origin = grid_meta[G_SESSION_START] if grid_meta[G_SESSION_START] > 0 else t
+                grid_meta[G_BIN_START] = origin - origin % width_ns
                 grid_meta[G_STARTED] = 1
             consistent = meta[bk.M_CONSISTENT] == 1 or meta[bk.M_IN_SNAPSHOT] == 1
             if consistent:
@@ -398,7 +408,7 @@ def build_silver(
         )
         if n_changes < 0:
             return -n_changes, i
-        if snapshot:
+        if warmup:
             continue
         grid_meta[G_BIN_EVENTS] += 1
         bin_start = grid_meta[G_BIN_START]
@@ -418,7 +428,7 @@ def build_silver(
     return STATUS_DONE, n
 
 
-@nb.njit(nogil=True, cache=True)
+@hot_kernel
 def finish_silver(
     levels: np.ndarray,
     meta: np.ndarray,
@@ -428,16 +438,20 @@ def finish_silver(
     bins_out: np.ndarray,
     rows_float: np.ndarray,
     rows_depth: np.ndarray,
-) -> None:
-    """End of stream: close the open bin (the caller makes room in the buffers first)."""
-    if grid_meta[G_STARTED] == 1:
-        close_bin(
-            levels,
-            meta,
-            grid_meta,
-            params,
-            grid,
-            bins_out,
-            rows_float,
-            rows_depth,
-        )
+    until_ns: int,
+) -> int:
+    """End of stream: close the open bin, and then every bin that starts before ``until_ns``
+    (a session end). Returns ``STATUS_STOPPED`` when the buffers filled up first."""
+    if grid_meta[G_STARTED] == 0:
+        return STATUS_DONE
+    window_rows = 2 * np.int64(params[P_RADIUS]) + 1
+    first = True
+    while first or grid_meta[G_BIN_START] < until_ns:
+        if (
+            grid_meta[G_OUT_BINS] == bins_out.shape[0]
+            or grid_meta[G_OUT_ROWS] + window_rows > rows_float.shape[1]
+        ):
+            return STATUS_STOPPED
+        close_bin(levels, meta, grid_meta, params, grid, bins_out, rows_float, rows_depth)
+        first = False
+    return STATUS_DONE

@@ -8,6 +8,7 @@ files under a data root given at call time, and hashes the resolved content.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePath
 from typing import Annotated, Self
@@ -253,6 +254,32 @@ def resolve_pipeline(
         session=session,
         identity=identity,
         pipeline_hash=spec_hash(identity),
+    )
+
+
+def with_dataset_files(pipeline: ResolvedPipeline, files: Sequence[Path]) -> ResolvedPipeline:
+    """The same pipeline over other input files (e.g. ``--input`` on the command line); the
+    files enter the identity, and so the hash, by name."""
+    if not files:
+        raise ValueError("no input files given")
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise SpecError(
+            [
+                SpecIssue(file=name, line=None, field="", message="input file not found")
+                for name in missing
+            ]
+        )
+    capture = pipeline.identity.capture.model_copy(
+        update={"dataset_files": tuple(Path(f).name for f in files)}
+    )
+    identity = pipeline.identity.model_copy(update={"capture": capture})
+    return pipeline.model_copy(
+        update={
+            "dataset_paths": tuple(Path(f).absolute() for f in files),
+            "identity": identity,
+            "pipeline_hash": spec_hash(identity),
+        }
     )
 
 

@@ -1,0 +1,167 @@
+"""The ``qmachina`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from engine.replay import ReplayError
+from engine.synthetic import write_synthetic_dbn
+from qmachina.book_report import BookReportError, replay_book_lines
+from qmachina.silver_build import BuildProgress, SilverBuildResult, build_silver
+from qmachina.specs.errors import SpecError
+from qmachina.specs.pipeline import (
+    ResolvedPipeline,
+    default_configs_root,
+    resolve_pipeline,
+    with_dataset_files,
+)
+
+app = typer.Typer(help="qMachina: event-level market-microstructure research and serving.")
+book_app = typer.Typer(help="Reconstruct the L3 order book.")
+silver_app = typer.Typer(help="Build silver grids.")
+app.add_typer(book_app, name="book")
+app.add_typer(silver_app, name="silver")
+
+err = Console(stderr=True)
+out = Console()
+
+DEFAULT_LAKE = Path("data/lake")
+DEFAULT_PIPELINE = default_configs_root() / "pipelines" / "es_default.yaml"
+
+
+def _fail(message: str) -> typer.Exit:
+    # Plain text, never wrapped: error lines name files and are read by people and by scripts.
+    sys.stderr.write(f"error: {message}\n")
+    return typer.Exit(code=2)
+
+
+@book_app.command("replay")
+def book_replay(
+    file: Annotated[Path, typer.Argument(help="A .dbn or .dbn.zst MBO file.")],
+    instrument: Annotated[
+        str | None,
+        typer.Option(help="Instrument id or raw symbol; default: every instrument in the file."),
+    ] = None,
+    levels: Annotated[int, typer.Option(min=1, help="Levels per side to print.")] = 10,
+    every_last: Annotated[
+        bool, typer.Option("--every-last", help="Print the book after every F_LAST record.")
+    ] = False,
+    tick_size: Annotated[
+        str | None,
+        typer.Option(help="Tick size as a decimal (e.g. 0.25); default: inferred from prices."),
+    ] = None,
+    price_decimals: Annotated[
+        int | None, typer.Option(help="Decimals when printing prices; default: the tick's.")
+    ] = None,
+) -> None:
+    """Replay FILE through the L3 book and print JSON lines of the top levels."""
+    try:
+        for line in replay_book_lines(
+            file,
+            instrument=instrument,
+            depth=levels,
+            every_last=every_last,
+            tick_size=tick_size,
+            price_decimals=price_decimals,
+        ):
+            sys.stdout.write(json.dumps(line, separators=(", ", ": ")) + "\n")
+    except (ReplayError, BookReportError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@silver_app.command("build")
+def silver_build(
+    pipeline: Annotated[Path, typer.Option(help="A PipelineSpec YAML.")] = DEFAULT_PIPELINE,
+    input_files: Annotated[
+        list[Path] | None,
+        typer.Option("--input", help="Input DBN files (default: the pipeline's dataset files)."),
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Lake directory.")] = DEFAULT_LAKE,
+) -> None:
+    """Build the silver grid of PIPELINE into OUT/<pipeline hash>/."""
+    try:
+        resolved = resolve_pipeline(pipeline, check_files=not input_files)
+        if input_files:
+            resolved = with_dataset_files(resolved, input_files)
+        result = _build_with_progress(resolved, out_dir)
+    except (SpecError, ReplayError) as exc:
+        raise _fail(str(exc)) from None
+    _print_summary(result)
+
+
+def _build_with_progress(resolved: ResolvedPipeline, out_dir: Path) -> SilverBuildResult:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]silver[/] {task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[events]:>12,} events  {task.fields[bins]:>9,} bins"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(
+            resolved.spec.name, total=len(resolved.dataset_paths), events=0, bins=0
+        )
+
+        def show(state: BuildProgress) -> None:
+            progress.update(task, completed=state.files_done, events=state.events, bins=state.bins)
+
+        return build_silver(resolved, out_dir, on_progress=show)
+
+
+def _print_summary(result: SilverBuildResult) -> None:
+    table = Table(title="silver build", show_header=False, title_justify="left")
+    table.add_row("output", str(result.output_dir))
+    table.add_row("pipeline hash", result.pipeline_hash)
+    for item in result.inputs:
+        table.add_row("input", f"{item.name}  sha256 {item.sha256[:16]}…  {item.bytes:,} bytes")
+    table.add_row("events", f"{result.events:,}")
+    table.add_row("bins", f"{result.bins:,}")
+    table.add_row("elapsed", f"{result.seconds:.2f} s")
+    table.add_row("events/s", f"{result.events_per_second:,.0f}")
+    anomalies = {k: v for k, v in result.anomalies.items() if v}
+    table.add_row(
+        "anomalies",
+        ", ".join(f"{k}={v:,}" for k, v in anomalies.items()) if anomalies else "none",
+    )
+    out.print(table)
+
+
+@app.command()
+def synth(
+    events: Annotated[int, typer.Option(min=1, help="Number of MBO records.")] = 1_000_000,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 1,
+    out_file: Annotated[Path, typer.Option("--out", help="Output .dbn or .dbn.zst.")] = Path(
+        "data/synthetic.mbo.dbn.zst"
+    ),
+) -> None:
+    """Write a seeded synthetic MBO file (DBN v3) that databento reads."""
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with err.status(f"generating {events:,} events"):
+        write_synthetic_dbn(out_file, events, seed)
+    out.print(f"wrote {events:,} events to {out_file} ({out_file.stat().st_size:,} bytes)")
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Lake directory.")] = DEFAULT_LAKE,
+) -> None:
+    """The main job: build silver from the real ES sample and print a summary."""
+    try:
+        resolved = resolve_pipeline(DEFAULT_PIPELINE)
+        result = _build_with_progress(resolved, out_dir)
+    except (SpecError, ReplayError) as exc:
+        raise _fail(str(exc)) from None
+    _print_summary(result)
+
+
+if __name__ == "__main__":
+    app()
