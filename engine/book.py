@@ -9,7 +9,7 @@ import numpy as np
 from engine import book_kernel as k
 from engine.events import EVENT_DTYPE, PRICE_SCALE
 
-INITIAL_ORDER_CAPACITY = 1 << 14
+INITIAL_ORDER_CAPACITY = 1 << 12
 INITIAL_LEVEL_WIDTH = 1 << 12
 MAX_LEVEL_WIDTH = 1 << 22
 
@@ -48,14 +48,13 @@ class OrderBook:
         self.levels = np.zeros((0, k.LEVEL_COLUMNS), dtype=np.int64)
         self.changes = np.zeros((k.MAX_CHANGES, k.CHANGE_COLUMNS), dtype=np.int64)
         k.clear_book(
-            self.orders, self.hash_keys, self.hash_slots, self.levels, self.free_slots, self.meta
+            self.orders, self.order_map, self.levels, self.free_slots, self.meta
         )
 
     def _allocate_orders(self, capacity: int) -> None:
         self.orders = np.full((capacity, k.ORDER_COLUMNS), k.EMPTY, dtype=np.int64)
         self.order_ids = np.zeros(capacity, dtype=np.uint64)
-        self.hash_keys = np.zeros(2 * capacity, dtype=np.uint64)
-        self.hash_slots = np.full(2 * capacity, k.EMPTY, dtype=np.int64)
+        self.order_map = np.zeros((2 * capacity, 2), dtype=np.uint64)
         self.free_slots = np.zeros(capacity, dtype=np.int64)
 
     # -- applying events -------------------------------------------------------------------
@@ -78,8 +77,7 @@ class OrderBook:
                 index,
                 self.orders,
                 self.order_ids,
-                self.hash_keys,
-                self.hash_slots,
+                self.order_map,
                 self.levels,
                 self.free_slots,
                 self.meta,
@@ -112,7 +110,7 @@ class OrderBook:
         self.free_slots[: len(new_slots)] = new_slots
         self.free_slots[len(new_slots) : len(new_slots) + n_free] = old_free[:n_free]
         self.meta[k.M_N_FREE] = n_free + len(new_slots)
-        k.rehash(self.hash_keys, self.hash_slots, self.orders, self.order_ids)
+        k.rehash(self.order_map, self.orders, self.order_ids)
 
     def grow_levels(self, tick: int, events: np.ndarray, index: int) -> None:
         """Re-base and widen the per-tick level arrays so ``tick`` fits, with room to spare."""
@@ -165,16 +163,6 @@ class OrderBook:
     @property
     def events_applied(self) -> int:
         return int(self.meta[k.M_EVENTS])
-
-    @property
-    def last_ts_recv(self) -> int:
-        """ts_recv of the last record applied."""
-        return int(self.meta[k.M_LAST_TS_RECV])
-
-    @property
-    def last_sequence(self) -> int:
-        """Sequence number of the last record applied."""
-        return int(self.meta[k.M_LAST_SEQUENCE])
 
     def best_tick(self, side: int) -> int | None:
         """Absolute tick of the best bid (side 0) or ask (side 1), or None for an empty side."""

@@ -6,8 +6,9 @@ Layout (one book per instrument):
   ``order_ids[C]``. ``side`` is 0 (bid), 1 (ask) or -1 (free slot); ``prev``/``next`` link the FIFO
   queue of the order's level; ``fill`` is the quantity Fill records reported for the order in the
   F_LAST group numbered ``fill_group`` (stale once the group is over, so nothing needs resetting).
-* ``hash_keys[H]`` / ``hash_slots[H]``: open-addressing map order_id → slot, linear probing with
-  backward-shift deletion (no tombstones, so lookups never degrade).
+* ``order_map[H, 2]`` uint64 rows ``[order_id, slot + 1]`` (0: empty): open-addressing map
+  order_id → slot, linear probing with backward-shift deletion (no tombstones, so lookups never
+  degrade); key and slot share a cache line.
 * ``levels[2 * W, 4]`` int64 rows ``[size, count, head, tail]``, index ``side * W + tick - base``.
 * ``meta`` int64 scalars (see the ``M_*`` indices) and ``anomalies`` counters (``A_*``).
 
@@ -64,9 +65,7 @@ M_CONSISTENT = 7  # 1 after an F_LAST (or a finished snapshot block): the book m
 M_GROUP = 8  # number of the current F_LAST group
 M_TICK_SIZE = 9  # raw price units per tick
 M_NEED_TICK = 10  # when status is NEED_LEVELS: the absolute tick that did not fit
-M_LAST_TS_RECV = 11
-M_LAST_SEQUENCE = 12
-M_EVENTS = 13  # events applied so far
+M_EVENTS = 11  # events applied so far (counted by the driving loops)
 META_SIZE = 16
 
 # Anomaly counters: never a crash, never silent.
@@ -108,6 +107,7 @@ MAX_CHANGES = 4
 CHANGE_COLUMNS = 4  # [kind, side, tick, quantity]
 
 EMPTY = -1
+FLOAT_EXACT = 1 << 52  # prices below this convert to float64 exactly
 HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -117,53 +117,51 @@ def _hash_home(order_id: np.uint64, mask: int) -> int:
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def hash_find(hash_keys: np.ndarray, hash_slots: np.ndarray, order_id: np.uint64) -> int:
+def hash_find(order_map: np.ndarray, order_id: np.uint64) -> int:
     """Slot of ``order_id`` or -1."""
-    mask = hash_keys.shape[0] - 1
+    mask = order_map.shape[0] - 1
     pos = _hash_home(order_id, mask)
     while True:
-        slot = hash_slots[pos]
-        if slot == EMPTY:
+        stored = order_map[pos, 1]
+        if stored == 0:
             return EMPTY
-        if hash_keys[pos] == order_id:
-            return slot
+        if order_map[pos, 0] == order_id:
+            return np.int64(stored) - 1
         pos = (pos + 1) & mask
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def hash_insert(
-    hash_keys: np.ndarray, hash_slots: np.ndarray, order_id: np.uint64, slot: int
-) -> None:
-    mask = hash_keys.shape[0] - 1
+def hash_insert(order_map: np.ndarray, order_id: np.uint64, slot: int) -> None:
+    mask = order_map.shape[0] - 1
     pos = _hash_home(order_id, mask)
-    while hash_slots[pos] != EMPTY:
+    while order_map[pos, 1] != 0:
         pos = (pos + 1) & mask
-    hash_keys[pos] = order_id
-    hash_slots[pos] = slot
+    order_map[pos, 0] = order_id
+    order_map[pos, 1] = slot + 1
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def hash_delete(hash_keys: np.ndarray, hash_slots: np.ndarray, order_id: np.uint64) -> None:
+def hash_delete(order_map: np.ndarray, order_id: np.uint64) -> None:
     """Remove ``order_id`` and shift the following cluster back (keeps probes short)."""
-    mask = hash_keys.shape[0] - 1
+    mask = order_map.shape[0] - 1
     pos = _hash_home(order_id, mask)
     while True:
-        if hash_slots[pos] == EMPTY:
+        if order_map[pos, 1] == 0:
             return
-        if hash_keys[pos] == order_id:
+        if order_map[pos, 0] == order_id:
             break
         pos = (pos + 1) & mask
     hole = pos
     nxt = (hole + 1) & mask
-    while hash_slots[nxt] != EMPTY:
-        home = _hash_home(hash_keys[nxt], mask)
+    while order_map[nxt, 1] != 0:
+        home = _hash_home(order_map[nxt, 0], mask)
         # Move the entry back when its home is not cyclically within (hole, nxt].
         if (nxt - home) & mask >= (nxt - hole) & mask:
-            hash_keys[hole] = hash_keys[nxt]
-            hash_slots[hole] = hash_slots[nxt]
+            order_map[hole, 0] = order_map[nxt, 0]
+            order_map[hole, 1] = order_map[nxt, 1]
             hole = nxt
         nxt = (nxt + 1) & mask
-    hash_slots[hole] = EMPTY
+    order_map[hole, 1] = 0
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
@@ -228,14 +226,13 @@ def _after_level_loss(meta: np.ndarray, levels: np.ndarray, side: int, idx: int)
 @nb.njit(nogil=True, cache=True)
 def clear_book(
     orders: np.ndarray,
-    hash_keys: np.ndarray,
-    hash_slots: np.ndarray,
+    order_map: np.ndarray,
     levels: np.ndarray,
     free_slots: np.ndarray,
     meta: np.ndarray,
 ) -> None:
     """Drop every resting order (a Clear record or the start of a snapshot block)."""
-    hash_slots[:] = EMPTY
+    order_map[:, 1] = 0
     capacity = orders.shape[0]
     for k in range(capacity):
         free_slots[k] = capacity - 1 - k
@@ -284,8 +281,7 @@ def _remove_quantity(
 @nb.njit(nogil=True, cache=True, inline="always")
 def _delete_order(
     orders: np.ndarray,
-    hash_keys: np.ndarray,
-    hash_slots: np.ndarray,
+    order_map: np.ndarray,
     levels: np.ndarray,
     free_slots: np.ndarray,
     meta: np.ndarray,
@@ -296,7 +292,7 @@ def _delete_order(
     idx = orders[slot, O_TICK] - meta[M_BASE_TICK]
     lv = side * meta[M_WIDTH] + idx
     _unlink(orders, levels, lv, slot)
-    hash_delete(hash_keys, hash_slots, order_id)
+    hash_delete(order_map, order_id)
     orders[slot, O_SIDE] = EMPTY
     free_slots[meta[M_N_FREE]] = slot
     meta[M_N_FREE] += 1
@@ -327,6 +323,21 @@ def _place_order(
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
+def tick_of(price: int, tick_size: int) -> int:
+    """``price // tick_size`` (floor) without a 64-bit integer division on the hot path: a float
+    estimate corrected exactly with integer arithmetic."""
+    if -FLOAT_EXACT < price < FLOAT_EXACT:
+        tick = int(np.float64(price) / np.float64(tick_size))
+        remainder = price - tick * tick_size
+        if remainder < 0:
+            tick -= 1
+        elif remainder >= tick_size:
+            tick += 1
+        return tick
+    return price // tick_size
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
 def _tick_fits(meta: np.ndarray, tick: int) -> bool:
     idx = tick - meta[M_BASE_TICK]
     return 0 <= idx < meta[M_WIDTH]
@@ -348,8 +359,7 @@ def apply_event(
     i: int,
     orders: np.ndarray,
     order_ids: np.ndarray,
-    hash_keys: np.ndarray,
-    hash_slots: np.ndarray,
+    order_map: np.ndarray,
     levels: np.ndarray,
     free_slots: np.ndarray,
     meta: np.ndarray,
@@ -367,7 +377,7 @@ def apply_event(
     snapshot = (flags & F_SNAPSHOT) != 0
     if snapshot and meta[M_IN_SNAPSHOT] == 0:
         # A snapshot block replaces the book whether or not it starts with a Clear.
-        clear_book(orders, hash_keys, hash_slots, levels, free_slots, meta)
+        clear_book(orders, order_map, levels, free_slots, meta)
         meta[M_IN_SNAPSHOT] = 1
     elif not snapshot and meta[M_IN_SNAPSHOT] == 1:
         meta[M_IN_SNAPSHOT] = 0
@@ -381,7 +391,7 @@ def apply_event(
         else:
             side = -1
         price = ev.price
-        slot = hash_find(hash_keys, hash_slots, order_id)
+        slot = hash_find(order_map, order_id)
         if side < 0 or price == UNDEF_PRICE:
             if side < 0:
                 anomalies[A_BAD_SIDE] += 1
@@ -389,7 +399,7 @@ def apply_event(
                 anomalies[A_UNDEF_PRICE] += 1
         else:
             tick_size = meta[M_TICK_SIZE]
-            tick = price // tick_size
+            tick = tick_of(price, tick_size)
             if not _tick_fits(meta, tick):
                 meta[M_NEED_TICK] = tick
                 return -STATUS_NEED_LEVELS
@@ -405,7 +415,7 @@ def apply_event(
                 slot = free_slots[meta[M_N_FREE]]
                 orders[slot, O_FILL] = 0
                 orders[slot, O_FILL_GROUP] = EMPTY
-                hash_insert(hash_keys, hash_slots, order_id, slot)
+                hash_insert(order_map, order_id, slot)
                 meta[M_N_ORDERS] += 1
                 _place_order(orders, order_ids, levels, meta, slot, order_id, side, tick, size)
                 n_changes = _report(changes, 0, CHANGE_ADD, side, tick, size)
@@ -417,10 +427,10 @@ def apply_event(
                 )
                 if orders[slot, O_SIZE] == 0:
                     _delete_order(
-                        orders, hash_keys, hash_slots, levels, free_slots, meta, order_id, slot
+                        orders, order_map, levels, free_slots, meta, order_id, slot
                     )
     elif action == ACTION_CANCEL:
-        slot = hash_find(hash_keys, hash_slots, order_id)
+        slot = hash_find(order_map, order_id)
         if slot == EMPTY:
             anomalies[A_CANCEL_UNKNOWN] += 1
         else:
@@ -432,7 +442,7 @@ def apply_event(
             n_changes = _remove_quantity(orders, levels, meta, slot, cancel, changes, 0)
             if cancel == resting:
                 _delete_order(
-                    orders, hash_keys, hash_slots, levels, free_slots, meta, order_id, slot
+                    orders, order_map, levels, free_slots, meta, order_id, slot
                 )
             else:
                 # A partial cancel keeps queue priority.
@@ -441,9 +451,9 @@ def apply_event(
                 lv = side * meta[M_WIDTH] + orders[slot, O_TICK] - meta[M_BASE_TICK]
                 levels[lv, L_SIZE] -= cancel
     elif action == ACTION_CLEAR:
-        clear_book(orders, hash_keys, hash_slots, levels, free_slots, meta)
+        clear_book(orders, order_map, levels, free_slots, meta)
     elif action == ACTION_FILL:
-        slot = hash_find(hash_keys, hash_slots, order_id)
+        slot = hash_find(order_map, order_id)
         if slot == EMPTY:
             anomalies[A_FILL_UNKNOWN] += 1
         else:
@@ -453,9 +463,6 @@ def apply_event(
             orders[slot, O_FILL] += np.int64(ev.size)
     # Trade and None records do not change the book.
 
-    meta[M_LAST_TS_RECV] = np.int64(ev.ts_recv)
-    meta[M_LAST_SEQUENCE] = np.int64(ev.sequence)
-    meta[M_EVENTS] += 1
     if (flags & F_LAST) != 0:
         _end_group(meta, anomalies, flags)
     else:
@@ -531,8 +538,7 @@ def apply_events(
     start: int,
     orders: np.ndarray,
     order_ids: np.ndarray,
-    hash_keys: np.ndarray,
-    hash_slots: np.ndarray,
+    order_map: np.ndarray,
     levels: np.ndarray,
     free_slots: np.ndarray,
     meta: np.ndarray,
@@ -549,8 +555,7 @@ def apply_events(
             i,
             orders,
             order_ids,
-            hash_keys,
-            hash_slots,
+            order_map,
             levels,
             free_slots,
             meta,
@@ -558,9 +563,12 @@ def apply_events(
             changes,
         )
         if result < 0:
+            meta[M_EVENTS] += i - start
             return -result, i
         if stop_at_last and (events[i].flags & F_LAST) != 0:
+            meta[M_EVENTS] += i + 1 - start
             return STATUS_STOPPED, i + 1
+    meta[M_EVENTS] += n - start
     return STATUS_DONE, n
 
 
@@ -593,11 +601,9 @@ def top_levels(levels: np.ndarray, meta: np.ndarray, side: int, depth: int) -> n
 
 
 @nb.njit(nogil=True, cache=True)
-def rehash(
-    hash_keys: np.ndarray, hash_slots: np.ndarray, orders: np.ndarray, order_ids: np.ndarray
-) -> None:
+def rehash(order_map: np.ndarray, orders: np.ndarray, order_ids: np.ndarray) -> None:
     """Rebuild the order map from the live slots (after the map was resized)."""
-    hash_slots[:] = EMPTY
+    order_map[:, 1] = 0
     for slot in range(orders.shape[0]):
         if orders[slot, O_SIDE] != EMPTY:
-            hash_insert(hash_keys, hash_slots, order_ids[slot], slot)
+            hash_insert(order_map, order_ids[slot], slot)

@@ -180,8 +180,7 @@ class SilverBuilder:
                 index,
                 book.orders,
                 book.order_ids,
-                book.hash_keys,
-                book.hash_slots,
+                book.order_map,
                 book.levels,
                 book.free_slots,
                 book.meta,
@@ -308,8 +307,7 @@ class SilverBuilder:
         return {
             "orders": book.orders,
             "order_ids": book.order_ids,
-            "hash_keys": book.hash_keys,
-            "hash_slots": book.hash_slots,
+            "order_map": book.order_map,
             "levels": book.levels,
             "free_slots": book.free_slots,
             "book_meta": book.meta,
@@ -350,8 +348,7 @@ class SilverBuilder:
             book = builder.book
             book.orders = saved["orders"].copy()
             book.order_ids = saved["order_ids"].copy()
-            book.hash_keys = saved["hash_keys"].copy()
-            book.hash_slots = saved["hash_slots"].copy()
+            book.order_map = saved["order_map"].copy()
             book.levels = saved["levels"].copy()
             book.free_slots = saved["free_slots"].copy()
             book.meta = saved["book_meta"].copy()

@@ -331,8 +331,7 @@ def build_silver(
     start: int,
     orders: np.ndarray,
     order_ids: np.ndarray,
-    hash_keys: np.ndarray,
-    hash_slots: np.ndarray,
+    order_map: np.ndarray,
     levels: np.ndarray,
     free_slots: np.ndarray,
     meta: np.ndarray,
@@ -398,8 +397,7 @@ def build_silver(
             i,
             orders,
             order_ids,
-            hash_keys,
-            hash_slots,
+            order_map,
             levels,
             free_slots,
             meta,
@@ -408,6 +406,7 @@ def build_silver(
         )
         if n_changes < 0:
             return -n_changes, i
+        meta[bk.M_EVENTS] += 1
         if warmup:
             continue
         grid_meta[G_BIN_EVENTS] += 1

@@ -58,7 +58,10 @@ def _instrument_ids(path: Path, instrument: str | None, present: np.ndarray) -> 
     return sorted(set(symbols[instrument]) & {int(i) for i in np.unique(present)})
 
 
-def _line(book: OrderBook, instrument_id: int, depth: int, decimals: int) -> dict[str, Any]:
+def _line(
+    book: OrderBook, last: np.void, instrument_id: int, depth: int, decimals: int
+) -> dict[str, Any]:
+    """The book after record ``last``."""
     def side(s: int) -> list[list[Any]]:
         tick = book.tick_size
         return [
@@ -67,8 +70,8 @@ def _line(book: OrderBook, instrument_id: int, depth: int, decimals: int) -> dic
 
     return {
         "instrument_id": instrument_id,
-        "ts_recv": book.last_ts_recv,
-        "sequence": book.last_sequence,
+        "ts_recv": int(last["ts_recv"]),
+        "sequence": int(last["sequence"]),
         "bids": side(0),
         "asks": side(1),
     }
@@ -101,7 +104,7 @@ def replay_book_lines(
             while index < len(mine):
                 index = book.apply_until_last(mine, index)
                 if book.consistent:
-                    yield _line(book, instrument_id, depth, decimals)
+                    yield _line(book, mine[index - 1], instrument_id, depth, decimals)
         else:
             book.apply(mine)
-            yield _line(book, instrument_id, depth, decimals)
+            yield _line(book, mine[-1], instrument_id, depth, decimals)

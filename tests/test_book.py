@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.book import OrderBook, price_text
+from engine.book_kernel import tick_of
 from engine.events import (
     ACTION_ADD,
     ACTION_CANCEL,
@@ -272,3 +273,11 @@ def test_every_sample_file_replays_equal_to_reference(sample_dir: Path, name: st
             assert [(lv.tick * tick, lv.size, lv.count) for lv in got] == [
                 (p, s, c) for p, s, c, _ in expected
             ], f"{name} instrument {instrument} side {side}"
+
+
+@pytest.mark.parametrize("tick_size", [1, 7, 250_000_000, 10_000_000])
+def testtick_of_is_floor_division(tick_size: int) -> None:
+    prices = [0, 1, -1, tick_size, -tick_size, tick_size - 1, 4_810_250_000_000, -3 * tick_size - 1]
+    prices += [2**52 + 5, -(2**52) - 5, 2**62 + 3]
+    for price in prices:
+        assert tick_of(price, tick_size) == price // tick_size, price
