@@ -47,9 +47,7 @@ class OrderBook:
         self._allocate_orders(order_capacity)
         self.levels = np.zeros((0, k.LEVEL_COLUMNS), dtype=np.int64)
         self.changes = np.zeros((k.MAX_CHANGES, k.CHANGE_COLUMNS), dtype=np.int64)
-        k.clear_book(
-            self.orders, self.order_map, self.levels, self.free_slots, self.meta
-        )
+        k.clear_book(self.orders, self.order_map, self.levels, self.free_slots, self.meta)
 
     def _allocate_orders(self, capacity: int) -> None:
         self.orders = np.full((capacity, k.ORDER_COLUMNS), k.EMPTY, dtype=np.int64)

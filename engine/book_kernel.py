@@ -204,9 +204,10 @@ def _after_level_gain(meta: np.ndarray, side: int, idx: int) -> None:
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def _after_level_loss(meta: np.ndarray, levels: np.ndarray, side: int, idx: int) -> None:
+def _after_level_loss(
+    meta: np.ndarray, levels: np.ndarray, width: int, side: int, idx: int
+) -> None:
     """Move the best price off a level that just emptied."""
-    width = meta[M_WIDTH]
     if side == 0:
         if idx != meta[M_BEST_BID] or levels[idx, L_COUNT] > 0:
             return
@@ -285,19 +286,21 @@ def _delete_order(
     levels: np.ndarray,
     free_slots: np.ndarray,
     meta: np.ndarray,
+    width: int,
+    base: int,
     order_id: np.uint64,
     slot: int,
 ) -> None:
     side = orders[slot, O_SIDE]
-    idx = orders[slot, O_TICK] - meta[M_BASE_TICK]
-    lv = side * meta[M_WIDTH] + idx
+    idx = orders[slot, O_TICK] - base
+    lv = side * width + idx
     _unlink(orders, levels, lv, slot)
     hash_delete(order_map, order_id)
     orders[slot, O_SIDE] = EMPTY
     free_slots[meta[M_N_FREE]] = slot
     meta[M_N_FREE] += 1
     meta[M_N_ORDERS] -= 1
-    _after_level_loss(meta, levels, side, idx)
+    _after_level_loss(meta, levels, width, side, idx)
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
@@ -306,6 +309,8 @@ def _place_order(
     order_ids: np.ndarray,
     levels: np.ndarray,
     meta: np.ndarray,
+    width: int,
+    base: int,
     slot: int,
     order_id: np.uint64,
     side: int,
@@ -313,12 +318,12 @@ def _place_order(
     size: int,
 ) -> None:
     """Append ``slot`` at the back of its level's queue."""
-    idx = tick - meta[M_BASE_TICK]
+    idx = tick - base
     order_ids[slot] = order_id
     orders[slot, O_TICK] = tick
     orders[slot, O_SIZE] = size
     orders[slot, O_SIDE] = side
-    _link_tail(orders, levels, side * meta[M_WIDTH] + idx, slot)
+    _link_tail(orders, levels, side * width + idx, slot)
     _after_level_gain(meta, side, idx)
 
 
@@ -335,12 +340,6 @@ def tick_of(price: int, tick_size: int) -> int:
             tick += 1
         return tick
     return price // tick_size
-
-
-@nb.njit(nogil=True, cache=True, inline="always")
-def _tick_fits(meta: np.ndarray, tick: int) -> bool:
-    idx = tick - meta[M_BASE_TICK]
-    return 0 <= idx < meta[M_WIDTH]
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
@@ -365,9 +364,15 @@ def apply_event(
     meta: np.ndarray,
     anomalies: np.ndarray,
     changes: np.ndarray,
+    width: int,
+    base: int,
+    tick_size: int,
 ) -> int:
     """Apply record ``i``. Returns the number of depth changes written to ``changes``, or a
-    negative ``-STATUS_*`` when an array must grow first (nothing was applied then)."""
+    negative ``-STATUS_*`` when an array must grow first (nothing was applied then).
+
+    ``width``, ``base`` and ``tick_size`` are the level window's (``meta[M_WIDTH]``, ...), passed
+    in so they stay in registers: only growth changes them, and growth leaves the kernel."""
     ev = events[i]
     action = ev.action
     flags = ev.flags
@@ -398,9 +403,8 @@ def apply_event(
             else:
                 anomalies[A_UNDEF_PRICE] += 1
         else:
-            tick_size = meta[M_TICK_SIZE]
             tick = tick_of(price, tick_size)
-            if not _tick_fits(meta, tick):
+            if not 0 <= tick - base < width:
                 meta[M_NEED_TICK] = tick
                 return -STATUS_NEED_LEVELS
             if slot == EMPTY and meta[M_N_FREE] == 0:
@@ -417,17 +421,30 @@ def apply_event(
                 orders[slot, O_FILL_GROUP] = EMPTY
                 hash_insert(order_map, order_id, slot)
                 meta[M_N_ORDERS] += 1
-                _place_order(orders, order_ids, levels, meta, slot, order_id, side, tick, size)
+                _place_order(
+                    orders, order_ids, levels, meta, width, base, slot, order_id, side, tick, size
+                )
                 n_changes = _report(changes, 0, CHANGE_ADD, side, tick, size)
             else:
                 if action == ACTION_ADD:
                     anomalies[A_DUPLICATE_ADD] += 1
                 n_changes = _modify(
-                    orders, order_ids, levels, meta, slot, order_id, side, tick, size, changes
+                    orders,
+                    order_ids,
+                    levels,
+                    meta,
+                    width,
+                    base,
+                    slot,
+                    order_id,
+                    side,
+                    tick,
+                    size,
+                    changes,
                 )
                 if orders[slot, O_SIZE] == 0:
                     _delete_order(
-                        orders, order_map, levels, free_slots, meta, order_id, slot
+                        orders, order_map, levels, free_slots, meta, width, base, order_id, slot
                     )
     elif action == ACTION_CANCEL:
         slot = hash_find(order_map, order_id)
@@ -442,13 +459,13 @@ def apply_event(
             n_changes = _remove_quantity(orders, levels, meta, slot, cancel, changes, 0)
             if cancel == resting:
                 _delete_order(
-                    orders, order_map, levels, free_slots, meta, order_id, slot
+                    orders, order_map, levels, free_slots, meta, width, base, order_id, slot
                 )
             else:
                 # A partial cancel keeps queue priority.
                 orders[slot, O_SIZE] = resting - cancel
                 side = orders[slot, O_SIDE]
-                lv = side * meta[M_WIDTH] + orders[slot, O_TICK] - meta[M_BASE_TICK]
+                lv = side * width + orders[slot, O_TICK] - base
                 levels[lv, L_SIZE] -= cancel
     elif action == ACTION_CLEAR:
         clear_book(orders, order_map, levels, free_slots, meta)
@@ -485,6 +502,8 @@ def _modify(
     order_ids: np.ndarray,
     levels: np.ndarray,
     meta: np.ndarray,
+    width: int,
+    base: int,
     slot: int,
     order_id: np.uint64,
     side: int,
@@ -496,8 +515,7 @@ def _modify(
     old_tick = orders[slot, O_TICK]
     old_side = orders[slot, O_SIDE]
     old_size = orders[slot, O_SIZE]
-    width = meta[M_WIDTH]
-    old_idx = old_tick - meta[M_BASE_TICK]
+    old_idx = old_tick - base
     old_lv = old_side * width + old_idx
     if old_tick == tick and old_side == side:
         if size <= old_size:
@@ -512,8 +530,8 @@ def _modify(
         return _report(changes, 0, CHANGE_ADD, side, tick, size - old_size)
     n = _remove_quantity(orders, levels, meta, slot, old_size, changes, 0)
     _unlink(orders, levels, old_lv, slot)
-    _after_level_loss(meta, levels, old_side, old_idx)
-    _place_order(orders, order_ids, levels, meta, slot, order_id, side, tick, size)
+    _after_level_loss(meta, levels, width, old_side, old_idx)
+    _place_order(orders, order_ids, levels, meta, width, base, slot, order_id, side, tick, size)
     if size > 0:
         n = _report(changes, n, CHANGE_ADD, side, tick, size)
     return n
@@ -549,6 +567,9 @@ def apply_events(
     """Book only: apply ``events[start:]``. Returns ``(status, next_index)``; with
     ``stop_at_last`` it stops (``STATUS_STOPPED``) after each record carrying F_LAST."""
     n = events.shape[0]
+    width = meta[M_WIDTH]
+    base = meta[M_BASE_TICK]
+    tick_size = meta[M_TICK_SIZE]
     for i in range(start, n):
         result = apply_event(
             events,
@@ -561,6 +582,9 @@ def apply_events(
             meta,
             anomalies,
             changes,
+            width,
+            base,
+            tick_size,
         )
         if result < 0:
             meta[M_EVENTS] += i - start

@@ -359,6 +359,9 @@ def build_silver(
     window_rows = 2 * np.int64(params[P_RADIUS]) + 1
     n_grid = grid.shape[1]
     n = events.shape[0]
+    book_width = meta[bk.M_WIDTH]
+    book_base = meta[bk.M_BASE_TICK]
+    tick_size = meta[bk.M_TICK_SIZE]
     for i in range(start, n):
         ev = events[i]
         flags = ev.flags
@@ -403,6 +406,9 @@ def build_silver(
             meta,
             anomalies,
             changes,
+            book_width,
+            book_base,
+            tick_size,
         )
         if n_changes < 0:
             return -n_changes, i
