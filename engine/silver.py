@@ -157,9 +157,10 @@ class SilverBuilder:
         return batches
 
     def feed_until_bin(self, events: np.ndarray, bin_seq: int) -> tuple[int, list[pa.RecordBatch]]:
-        """Apply events until bin ``bin_seq`` is about to open (a checkpoint point). Returns the
-        index of the first unapplied record (``len(events)`` if the batch ran out first) and all
-        output so far, so a checkpoint may follow."""
+        """Apply events up to the end of bin ``bin_seq`` (a checkpoint point): bins before it are
+        emitted, bin ``bin_seq`` holds all its events and is still open, and the returned index
+        is the first record after it (``len(events)`` if the batch ran out first). All output
+        so far is returned, so a checkpoint may follow."""
         batches: list[pa.RecordBatch] = []
         position = self._drive(events, 0, bin_seq, batches)
         batches.extend(self._take_output())

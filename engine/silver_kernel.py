@@ -348,7 +348,7 @@ def build_silver(
     """Book + silver over ``events[start:]``. Returns ``(status, next_index)``.
 
     Stops (``STATUS_STOPPED``, before applying the returned index) when the output buffers are
-    full, or when the bin numbered ``stop_at_bin_seq`` is about to open (a checkpoint point).
+    full, or when bin ``stop_at_bin_seq`` is complete and about to close (a checkpoint point).
     A negative-free ``bk.STATUS_NEED_*`` status means a book array must grow first.
     """
     width_ns = np.int64(params[P_BIN_WIDTH_NS])
