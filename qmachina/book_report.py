@@ -62,6 +62,7 @@ def _line(
     book: OrderBook, last: np.void, instrument_id: int, depth: int, decimals: int
 ) -> dict[str, Any]:
     """The book after record ``last``."""
+
     def side(s: int) -> list[list[Any]]:
         tick = book.tick_size
         return [
