@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from engine.book import OrderBook  # noqa: E402
-from engine.replay import read_ahead, replay_files  # noqa: E402
+from engine.replay import replay_files  # noqa: E402
 from engine.silver import GridConfig, SilverBuilder  # noqa: E402
 from engine.silver_parquet import SilverParquetWriter  # noqa: E402
 from engine.synthetic import write_synthetic_dbn  # noqa: E402
@@ -90,7 +90,7 @@ def main() -> None:
             tempfile.TemporaryDirectory() as tmp,
             SilverParquetWriter(Path(tmp) / "silver.parquet", builder.schema) as writer,
         ):
-            for batch in read_ahead(replay_files([dbn_file])):
+            for batch in replay_files([dbn_file]):
                 for out in builder.feed(batch):
                     writer.write(out)
             for out in builder.finish():

@@ -34,8 +34,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -760,51 +758,3 @@ def _to_utc_ns(value: datetime) -> int:
     """Exact integer nanoseconds since the epoch (no float rounding)."""
     delta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
-
-
-# --------------------------------------------------------------------------------- read-ahead
-
-
-_DONE = object()
-
-
-def read_ahead(batches: Iterable[EventArray], depth: int = 4) -> Iterator[EventArray]:
-    """Decode ahead in a background thread while the caller works on the previous batch.
-
-    zstd decompression and the numba kernels both release the GIL, so on two cores decoding and
-    the book/silver run side by side. At most ``depth`` batches wait in memory. An error raised
-    while decoding is re-raised here, in the caller's thread, unchanged.
-    """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    pending: queue.Queue[object] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for batch in batches:
-                while not stop.is_set():
-                    try:
-                        pending.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            pending.put(_DONE)
-        except BaseException as exc:  # handed over to the consumer, which re-raises it
-            pending.put(exc)
-
-    worker = threading.Thread(target=produce, name="replay-read-ahead", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = pending.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield cast(EventArray, item)
-    finally:
-        stop.set()
-        worker.join()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from engine.replay import read_ahead, replay_files
+from engine.replay import replay_files
 from engine.silver import SILVER_SCHEMA_VERSION, GridConfig, SilverBuilder
 from engine.silver_parquet import SilverParquetWriter
 from qmachina.specs.identity import canonical_json
@@ -106,13 +106,11 @@ def build_silver(
     progress = BuildProgress(files_total=len(paths))
     try:
         builder = SilverBuilder(config, session_start_ns=session.start_ns if session else None)
-        batches = read_ahead(
-            replay_files(
-                paths,
-                instrument_id=capture.instrument_id,
-                raw_symbol=capture.raw_symbol,
-                end_ns=session.end_ns if session else None,
-            )
+        batches = replay_files(
+            paths,
+            instrument_id=capture.instrument_id,
+            raw_symbol=capture.raw_symbol,
+            end_ns=session.end_ns if session else None,
         )
         with SilverParquetWriter(work_dir / SILVER_FILE, builder.schema) as writer:
             for events in batches:

@@ -33,7 +33,6 @@ from engine.replay import (
     UnsupportedFileError,
     file_summary,
     paced,
-    read_ahead,
     replay_files,
     session_window_ns,
 )
@@ -689,19 +688,3 @@ def test_paced_ignores_empty_batches_and_steps_back_in_time() -> None:
 def test_paced_rejects_a_speed_that_is_not_positive(speed: float) -> None:
     with pytest.raises(ValueError, match="speed must be"):
         paced([], speed)
-
-
-def test_read_ahead_keeps_order_and_reraises_decoding_errors(
-    sample_dir: Path, tmp_path: Path
-) -> None:
-    path = sample_dir / ES_DEC25
-    direct = list(replay_files([path], batch_size=5_000))
-    ahead = list(read_ahead(replay_files([path], batch_size=5_000), depth=2))
-    assert len(ahead) == len(direct) > 2
-    for a, b in zip(ahead, direct, strict=True):
-        np.testing.assert_array_equal(a, b)
-    cut = tmp_path / "cut.dbn.zst"
-    cut.write_bytes(path.read_bytes()[:400_000])
-    with pytest.raises(TruncatedFileError, match=r"cut\.dbn\.zst"):
-        for _ in read_ahead(replay_files([cut], batch_size=5_000)):
-            pass
