@@ -27,9 +27,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/qmachina config validate
 
 bench: setup
 	$(BIN)/python bench/engine.py --events 5000000 --json
+	$(BIN)/python bench/sweep_core.py --json
 
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes --no-header -o requirements.lock

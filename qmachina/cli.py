@@ -13,8 +13,11 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from engine.replay import ReplayError
+from engine.signals.registry import SignalError
 from engine.synthetic import write_synthetic_dbn
 from qmachina.book_report import BookReportError, replay_book_lines
+from qmachina.experiment_run import run_experiment
+from qmachina.gold_cli import app as gold_app
 from qmachina.silver_build import BuildProgress, SilverBuildResult, build_silver
 from qmachina.specs.errors import SpecError
 from qmachina.specs.pipeline import (
@@ -23,18 +26,26 @@ from qmachina.specs.pipeline import (
     resolve_pipeline,
     with_dataset_files,
 )
+from qmachina.validate_configs import validate_configs
 
 app = typer.Typer(help="qMachina: event-level market-microstructure research and serving.")
 book_app = typer.Typer(help="Reconstruct the L3 order book.")
 silver_app = typer.Typer(help="Build silver grids.")
+config_app = typer.Typer(help="Check the shipped and your own specs.")
+experiment_app = typer.Typer(help="Run experiment sweeps in this process.")
 app.add_typer(book_app, name="book")
 app.add_typer(silver_app, name="silver")
+app.add_typer(config_app, name="config")
+app.add_typer(experiment_app, name="experiment")
+app.add_typer(gold_app, name="gold")
 
 err = Console(stderr=True)
 out = Console()
 
 DEFAULT_LAKE = Path("data/lake")
-DEFAULT_PIPELINE = default_configs_root() / "pipelines" / "es_default.yaml"
+DEFAULT_CONFIGS = default_configs_root()
+DEFAULT_PIPELINE = DEFAULT_CONFIGS / "pipelines" / "es_default.yaml"
+DEFAULT_EXPERIMENT = DEFAULT_CONFIGS / "experiments" / "es_derivative_sweep.yaml"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -132,6 +143,106 @@ def _print_summary(result: SilverBuildResult) -> None:
         "anomalies",
         ", ".join(f"{k}={v:,}" for k, v in anomalies.items()) if anomalies else "none",
     )
+    out.print(table)
+
+
+@config_app.command("validate")
+def config_validate(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Spec files or folders (default: the root).")
+    ] = None,
+    root: Annotated[
+        Path, typer.Option(help="The configs root references resolve against.")
+    ] = DEFAULT_CONFIGS,
+) -> None:
+    """Validate every spec (instruments, pipelines, gold, serving, experiments) with its
+    cross-references; exit 1 when any is invalid."""
+    report = validate_configs(paths or [], root=root)
+    for line in report.deprecations:
+        sys.stderr.write(f"deprecated: {line}\n")
+    for issue in report.issues:
+        sys.stderr.write(f"{issue}\n")
+    out.print(f"{len(report.checked)} spec files checked, {len(report.issues)} problems")
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@experiment_app.command("run")
+def experiment_run(
+    experiment: Annotated[
+        Path, typer.Argument(help="An ExperimentSpec YAML.")
+    ] = DEFAULT_EXPERIMENT,
+    lake: Annotated[Path, typer.Option(help="Lake directory (silver is built if missing).")] = (
+        DEFAULT_LAKE
+    ),
+    top: Annotated[int, typer.Option(min=1, help="Leaderboard rows to print.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the leaderboard as JSON.")] = False,
+) -> None:
+    """Evaluate every point of EXPERIMENT; rank on the training span, report the test span."""
+    try:
+        with err.status(f"sweeping {experiment.name}"):
+            result = run_experiment(experiment, lake_root=lake)
+    except (SpecError, ReplayError, SignalError) as exc:
+        raise _fail(str(exc)) from None
+    rows = result.leaderboard[:top]
+    if as_json:
+        sys.stdout.write(
+            json.dumps(
+                [
+                    {
+                        "point_hash": row.point.point_hash,
+                        "signal_params": dict(row.point.signal_params),
+                        "threshold": row.point.threshold,
+                        "tp_ticks": row.point.tp_ticks,
+                        "sl_ticks": row.point.sl_ticks,
+                        "cooldown_bins": row.point.cooldown_bins,
+                        "train": row.train,
+                        "test": row.test,
+                    }
+                    for row in rows
+                ],
+                allow_nan=True,
+            )
+            + "\n"
+        )
+        return
+    table = Table(
+        title=f"{result.experiment.name}: {len(result.leaderboard)} points, "
+        f"ranked on train ({result.experiment.objective}), reported on test",
+        title_justify="left",
+    )
+    for column in (
+        "point",
+        "params",
+        "thr",
+        "tp/sl",
+        "cool",
+        "train pnl",
+        "test trades",
+        "test hit",
+        "test pnl",
+        "test dd",
+    ):
+        table.add_column(column, justify="right")
+    swept = {
+        name
+        for name, _ in result.leaderboard[0].point.signal_params
+        if len({dict(r.point.signal_params)[name] for r in result.leaderboard}) > 1
+    }
+    for row in rows:
+        params = " ".join(f"{k}={v}" for k, v in row.point.signal_params if k in swept)
+        table.add_row(
+            row.point.point_hash[:10],
+            params,
+            f"{row.point.threshold:g}",
+            f"{row.point.tp_ticks}/{row.point.sl_ticks}",
+            str(row.point.cooldown_bins),
+            f"{row.train['total_pnl_ticks']:.0f}",
+            f"{row.test['signals']:.0f}",
+            f"{row.test['hit_rate']:.2f}",
+            f"{row.test['total_pnl_ticks']:.0f}",
+            f"{row.test['max_drawdown_ticks']:.0f}",
+        )
     out.print(table)
 
 
