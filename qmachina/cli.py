@@ -265,13 +265,14 @@ def synth(
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Lake directory.")] = DEFAULT_LAKE,
 ) -> None:
-    """The main job: build silver from the real ES sample and print a summary."""
+    """The main job: build silver from the real ES sample, then run the shipped sweep on it."""
     try:
         resolved = resolve_pipeline(DEFAULT_PIPELINE)
         result = _build_with_progress(resolved, out_dir)
     except (SpecError, ReplayError) as exc:
         raise _fail(str(exc)) from None
     _print_summary(result)
+    experiment_run(DEFAULT_EXPERIMENT, lake=out_dir, top=10, as_json=False)
 
 
 if __name__ == "__main__":
