@@ -28,17 +28,12 @@ from engine.replay import replay_files  # noqa: E402
 from engine.silver import GridConfig, SilverBuilder  # noqa: E402
 from engine.silver_parquet import SilverParquetWriter  # noqa: E402
 from engine.synthetic import write_synthetic_dbn  # noqa: E402
+from qmachina.silver_build import grid_config_of  # noqa: E402
+from qmachina.specs.pipeline import default_configs_root, resolve_pipeline  # noqa: E402
 
-ES_GRID = GridConfig(
-    tick_size=250_000_000,
-    n_absolute_ticks=256,
-    grid_radius_ticks=40,
-    bin_width_ns=100_000_000,
-    bin_clock="ts_event",
-    tau_rest_decay_s=1.0,
-    tau_velocity_s=0.5,
-    tau_acceleration_s=1.0,
-    tau_jerk_s=2.0,
+# The grid the shipped ES pipeline resolves to: the benchmark measures what ships.
+ES_GRID: GridConfig = grid_config_of(
+    resolve_pipeline(default_configs_root() / "pipelines" / "es_default.yaml", check_files=False)
 )
 
 

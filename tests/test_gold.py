@@ -26,27 +26,17 @@ from engine.gold.preview import QUANTILES, preview_gold, read_silver_sample, win
 from engine.gold.runtime import GoldFrame, IncrementalGold, run_gold, silver_bins
 from engine.gold.vp import vp_block
 from engine.replay import replay_files
-from engine.silver import GridConfig, SilverBuilder
+from engine.silver import SilverBuilder
 from engine.silver_frame import SilverFrame
 from qmachina.gold_cli import app as gold_app
 from qmachina.specs.gold import GoldSpec, load_gold_spec
 from qmachina.specs.identity import spec_hash
 from qmachina.specs.pipeline import default_configs_root
+from tests.es_grid import ES_GRID as ES
 
 VP_DEFAULT = default_configs_root() / "gold" / "vp_default.yaml"
 ES_FILE = "esh4-glbx-mdp3-20231225.mbo.dbn.zst"
 ES_OPEN_NS = 1_703_545_200_000_000_000  # 2023-12-25 17:00 Chicago, the Globex open
-ES = GridConfig(
-    tick_size=250_000_000,
-    n_absolute_ticks=256,
-    grid_radius_ticks=40,
-    bin_width_ns=100_000_000,
-    bin_clock="ts_event",
-    tau_rest_decay_s=1.0,
-    tau_velocity_s=0.5,
-    tau_acceleration_s=1.0,
-    tau_jerk_s=2.0,
-)
 
 EVERY_OP = """\
 version: 1

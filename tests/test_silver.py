@@ -53,6 +53,7 @@ from engine.events import (
 )
 from engine.replay import replay_files
 from engine.silver import TICK_COLUMNS, GridConfig, SilverBuilder
+from tests.es_grid import ES_GRID as ES
 from tests.reference_silver import (
     CHANNEL_NAMES,
     MASS_NAMES,
@@ -79,17 +80,6 @@ SMALL = GridConfig(
     tau_velocity_s=0.002,
     tau_acceleration_s=0.003,
     tau_jerk_s=0.005,
-)
-ES = GridConfig(
-    tick_size=TICK,
-    n_absolute_ticks=256,
-    grid_radius_ticks=40,
-    bin_width_ns=100_000_000,
-    bin_clock="ts_event",
-    tau_rest_decay_s=1.0,
-    tau_velocity_s=0.5,
-    tau_acceleration_s=1.0,
-    tau_jerk_s=2.0,
 )
 ES_FILE = "esh4-glbx-mdp3-20231225.mbo.dbn.zst"
 
