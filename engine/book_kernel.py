@@ -328,11 +328,12 @@ def _place_order(
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def tick_of(price: int, tick_size: int) -> int:
-    """``price // tick_size`` (floor) without a 64-bit integer division on the hot path: a float
-    estimate corrected exactly with integer arithmetic."""
+def tick_of(price: int, tick_size: int, inverse_tick: float) -> int:
+    """``price // tick_size`` (floor) without a division on the hot path: a float estimate
+    (``price * inverse_tick``, ``inverse_tick = 1 / tick_size``) corrected exactly with integer
+    arithmetic."""
     if -FLOAT_EXACT < price < FLOAT_EXACT:
-        tick = int(np.float64(price) / np.float64(tick_size))
+        tick = int(np.float64(price) * inverse_tick)
         remainder = price - tick * tick_size
         if remainder < 0:
             tick -= 1
@@ -367,6 +368,7 @@ def apply_event(
     width: int,
     base: int,
     tick_size: int,
+    inverse_tick: float,
 ) -> int:
     """Apply record ``i``. Returns the number of depth changes written to ``changes``, or a
     negative ``-STATUS_*`` when an array must grow first (nothing was applied then).
@@ -403,7 +405,7 @@ def apply_event(
             else:
                 anomalies[A_UNDEF_PRICE] += 1
         else:
-            tick = tick_of(price, tick_size)
+            tick = tick_of(price, tick_size, inverse_tick)
             if not 0 <= tick - base < width:
                 meta[M_NEED_TICK] = tick
                 return -STATUS_NEED_LEVELS
@@ -570,6 +572,7 @@ def apply_events(
     width = meta[M_WIDTH]
     base = meta[M_BASE_TICK]
     tick_size = meta[M_TICK_SIZE]
+    inverse_tick = 1.0 / tick_size
     for i in range(start, n):
         result = apply_event(
             events,
@@ -585,6 +588,7 @@ def apply_events(
             width,
             base,
             tick_size,
+            inverse_tick,
         )
         if result < 0:
             meta[M_EVENTS] += i - start

@@ -362,6 +362,7 @@ def build_silver(
     book_width = meta[bk.M_WIDTH]
     book_base = meta[bk.M_BASE_TICK]
     tick_size = meta[bk.M_TICK_SIZE]
+    inverse_tick = 1.0 / tick_size
     for i in range(start, n):
         ev = events[i]
         flags = ev.flags
@@ -409,6 +410,7 @@ def build_silver(
             book_width,
             book_base,
             tick_size,
+            inverse_tick,
         )
         if n_changes < 0:
             return -n_changes, i

@@ -280,4 +280,4 @@ def testtick_of_is_floor_division(tick_size: int) -> None:
     prices = [0, 1, -1, tick_size, -tick_size, tick_size - 1, 4_810_250_000_000, -3 * tick_size - 1]
     prices += [2**52 + 5, -(2**52) - 5, 2**62 + 3]
     for price in prices:
-        assert tick_of(price, tick_size) == price // tick_size, price
+        assert tick_of(price, tick_size, 1.0 / tick_size) == price // tick_size, price
