@@ -158,10 +158,6 @@ class OrderBook:
     def order_count(self) -> int:
         return int(self.meta[k.M_N_ORDERS])
 
-    @property
-    def events_applied(self) -> int:
-        return int(self.meta[k.M_EVENTS])
-
     def best_tick(self, side: int) -> int | None:
         """Absolute tick of the best bid (side 0) or ask (side 1), or None for an empty side."""
         idx = int(self.meta[k.M_BEST_BID if side == 0 else k.M_BEST_ASK])

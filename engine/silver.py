@@ -15,7 +15,6 @@ even spread it is centred on a tick and has ``2R + 1``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -235,6 +234,14 @@ class SilverBuilder:
     def bins_emitted(self) -> int:
         return int(self.grid_meta[sk.G_BIN_SEQ])
 
+    def grid_counts(self) -> dict[str, int]:
+        """How often the grid re-anchored, and how many records arrived with a clock time before
+        the open bin (clamped into it; ts_event is not monotonic in DBN files)."""
+        return {
+            "reanchors": int(self.grid_meta[sk.G_REANCHORS]),
+            "late_events": int(self.grid_meta[sk.G_LATE_EVENTS]),
+        }
+
     def _take_output(self) -> list[pa.RecordBatch]:
         n_bins = int(self.grid_meta[sk.G_OUT_BINS])
         if n_bins == 0:
@@ -358,13 +365,3 @@ class SilverBuilder:
             builder.grid = saved["grid"].copy()
             builder.events_consumed = int(header["events_consumed"])
         return builder
-
-
-def build_silver_batches(
-    config: GridConfig, event_batches: Iterable[np.ndarray]
-) -> Iterator[pa.RecordBatch]:
-    """Convenience: the whole silver of a stream of event batches."""
-    builder = SilverBuilder(config)
-    for events in event_batches:
-        yield from builder.feed(events)
-    yield from builder.finish()

@@ -136,6 +136,9 @@ def _print_summary(result: SilverBuildResult) -> None:
         table.add_row("input", f"{item.name}  sha256 {item.sha256[:16]}…  {item.bytes:,} bytes")
     table.add_row("events", f"{result.events:,}")
     table.add_row("bins", f"{result.bins:,}")
+    table.add_row(
+        "grid", ", ".join(f"{name}={count:,}" for name, count in result.grid_counts.items())
+    )
     table.add_row("elapsed", f"{result.seconds:.2f} s")
     table.add_row("events/s", f"{result.events_per_second:,.0f}")
     anomalies = {k: v for k, v in result.anomalies.items() if v}

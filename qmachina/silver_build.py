@@ -55,6 +55,7 @@ class SilverBuildResult:
     events: int
     bins: int
     anomalies: dict[str, int]
+    grid_counts: dict[str, int]
     seconds: float
     inputs: tuple[InputFile, ...] = field(default=())
 
@@ -137,6 +138,7 @@ def build_silver(
                 "events": builder.events_consumed,
                 "bins": builder.bins_emitted,
                 "anomalies": anomalies,
+                **builder.grid_counts(),
             },
             "silver_file": SILVER_FILE,
             "silver_sha256": sha256_of(work_dir / SILVER_FILE),
@@ -158,6 +160,7 @@ def build_silver(
         events=builder.events_consumed,
         bins=builder.bins_emitted,
         anomalies=anomalies,
+        grid_counts=builder.grid_counts(),
         seconds=time.perf_counter() - started,
         inputs=inputs,
     )
