@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint lock bench clean
+.PHONY: setup postgres demo test lint lock bench clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,12 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/qmachina demo
 
-test: setup
+# The store's tests run against a real PostgreSQL (and SQLite); start the local cluster if down.
+postgres:
+	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
+	@pg_isready -h 127.0.0.1 -p 5432
+
+test: setup postgres
 	$(BIN)/python -m pytest
 
 lint: setup
