@@ -1,0 +1,187 @@
+"""The one settings object of every qMachina process, read from the environment and a file.
+
+Precedence, highest first: keyword arguments to :func:`load_settings`, environment variables,
+the YAML settings file named by ``QMACHINA_SETTINGS_FILE`` (keys are the field names, e.g.
+``data_dir: /srv/qmachina``), then the defaults. Every field is read from ``QMACHINA_<FIELD>``;
+three also answer to the names their tools use (``TEMPORAL_ADDRESS``, ``MLFLOW_TRACKING_URI``,
+``OPENFGA_API_URL``); when both spellings are set the ``QMACHINA_`` one wins.
+
+The store, MLflow and lake locations default to files under ``data_dir`` unless set
+explicitly, so pointing ``QMACHINA_DATA_DIR`` elsewhere moves all of them together.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from qmachina.store.database import default_sqlite_url
+
+ENV_PREFIX = "QMACHINA_"
+SETTINGS_FILE_VARIABLE = "QMACHINA_SETTINGS_FILE"
+STORE_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
+MLFLOW_FILE_NAME = "mlflow.sqlite3"
+
+
+def _standard_name(name: str) -> AliasChoices:
+    """Read a field from ``QMACHINA_<NAME>`` first, then from the tool's own ``<NAME>``."""
+    return AliasChoices(f"{ENV_PREFIX}{name}", name, name.lower())
+
+
+class SettingsError(ValueError):
+    """The settings could not be read; the message names each variable and what is wrong."""
+
+
+class Settings(BaseSettings):
+    """Where qMachina keeps its data and how it reaches Temporal, MLflow and OpenFGA."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    data_dir: Path = Path("data")
+    database_url: str = default_sqlite_url(Path("data"))
+    temporal_address: str | None = Field(
+        default=None, validation_alias=_standard_name("TEMPORAL_ADDRESS")
+    )
+    """``host:port`` of a Temporal frontend; None: ``qmachina up`` starts the embedded server."""
+    temporal_namespace: str = Field(default="default", min_length=1)
+    temporal_ui_port: int = Field(default=8233, ge=1, le=65535)
+    api_host: str = Field(default="127.0.0.1", min_length=1)
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    mlflow_tracking_uri: str = Field(
+        default=f"sqlite:///{Path('data').resolve() / MLFLOW_FILE_NAME}",
+        min_length=1,
+        validation_alias=_standard_name("MLFLOW_TRACKING_URI"),
+    )
+    mlflow_artifact_root: Path = Path("data") / "mlartifacts"
+    lake_dir: Path = Path("data") / "lake"
+    openfga_api_url: str | None = Field(
+        default=None, validation_alias=_standard_name("OPENFGA_API_URL")
+    )
+    """An OpenFGA server; None: the in-process evaluator of the same model decides."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        settings_file = _settings_file()
+        if settings_file is not None:
+            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=settings_file),)
+        return sources
+
+    @field_validator("data_dir", "mlflow_artifact_root", "lake_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        return path.expanduser().resolve()
+
+    @field_validator("database_url")
+    @classmethod
+    def _store_url(cls, url: str) -> str:
+        try:
+            driver = make_url(url).drivername
+        except ArgumentError:
+            raise ValueError("not a database URL") from None
+        if driver not in STORE_DRIVERS:
+            drivers = ", ".join(f"{name}://" for name in STORE_DRIVERS)
+            raise ValueError(f"the store is async: use one of {drivers}")
+        return url
+
+    @field_validator("temporal_address")
+    @classmethod
+    def _host_port(cls, address: str | None) -> str | None:
+        if address is None:
+            return None
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError("expected host:port")
+        return address
+
+    @field_validator("openfga_api_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return url
+
+    @model_validator(mode="after")
+    def _derive_from_data_dir(self) -> Settings:
+        # Locations not set explicitly follow data_dir wherever it points.
+        explicit = self.model_fields_set
+        if "database_url" not in explicit:
+            self.database_url = default_sqlite_url(self.data_dir)
+        if "mlflow_tracking_uri" not in explicit:
+            self.mlflow_tracking_uri = f"sqlite:///{self.data_dir / MLFLOW_FILE_NAME}"
+        if "mlflow_artifact_root" not in explicit:
+            self.mlflow_artifact_root = self.data_dir / "mlartifacts"
+        if "lake_dir" not in explicit:
+            self.lake_dir = self.data_dir / "lake"
+        return self
+
+
+def _settings_file() -> Path | None:
+    value = os.environ.get(SETTINGS_FILE_VARIABLE)
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.suffix not in (".yaml", ".yml"):
+        raise SettingsError(f"{SETTINGS_FILE_VARIABLE}: {path} is not a .yaml/.yml file")
+    if not path.is_file():
+        raise SettingsError(f"{SETTINGS_FILE_VARIABLE}: {path} does not exist")
+    return path
+
+
+def variable_names(field: str) -> tuple[str, ...]:
+    """The environment variables a field is read from, in precedence order."""
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return tuple(str(choice) for choice in alias.choices if str(choice).isupper())
+    return (f"{ENV_PREFIX}{field.upper()}",)
+
+
+def _field_of(key: str) -> str | None:
+    for name in Settings.model_fields:
+        if key == name or key in variable_names(name):
+            return name
+    return None
+
+
+def _where(key: str) -> str:
+    """The variable (or settings-file key) that supplied ``key``, for an error message."""
+    field = _field_of(key)
+    if field is None:
+        return f"{os.environ.get(SETTINGS_FILE_VARIABLE)}: {key}"
+    for variable in variable_names(field):
+        if variable in os.environ:
+            return variable
+    settings_file = os.environ.get(SETTINGS_FILE_VARIABLE)
+    if settings_file:
+        return f"{settings_file}: {field}"
+    return field
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The settings of this process; invalid values raise :class:`SettingsError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = [
+            f"{_where(str(issue['loc'][0]))}: {issue['msg']} (got {issue['input']!r})"
+            for issue in error.errors(include_url=False)
+        ]
+        raise SettingsError("invalid settings:\n" + "\n".join(problems)) from None
