@@ -63,7 +63,7 @@ def _metrics_dict(row: np.void) -> dict[str, float]:
     return {name: float(row[name]) for name in row.dtype.names or ()}
 
 
-def _silver_frame(pipeline: ResolvedPipeline, lake_root: Path) -> SilverFrame:
+def silver_frame_of(pipeline: ResolvedPipeline, lake_root: Path) -> SilverFrame:
     """The pipeline's silver from the lake, built first if it is not there."""
     directory = lake_root / pipeline.pipeline_hash
     if not (directory / MANIFEST_FILE).is_file():
@@ -73,7 +73,7 @@ def _silver_frame(pipeline: ResolvedPipeline, lake_root: Path) -> SilverFrame:
     return SilverFrame(table, pipeline.instrument.tick_size_raw)
 
 
-def _space(experiment: ExperimentSpec, serving: ServingSpec) -> SweepSpace:
+def sweep_space(experiment: ExperimentSpec, serving: ServingSpec) -> SweepSpace:
     params: dict[str, tuple[object, ...]] = {k: (v,) for k, v in serving.signal.params.items()}
     params.update(experiment.sweep.signal_params)
     return SweepSpace(
@@ -103,12 +103,12 @@ def run_experiment(
     serving = load_spec(configs / experiment.serving, ServingSpec)
     gold_spec: GoldSpec = load_gold_spec(configs / serving.gold)
     graph = gold_spec.graph()
-    points = expand_points(_space(experiment, serving))
+    points = expand_points(sweep_space(experiment, serving))
     gold_of: dict[str, GoldFrame] = {}
 
     def load_frame(dataset: str) -> SilverFrame:
         gold_of.clear()  # one dataset's gold at a time, like its silver
-        return _silver_frame(resolve_pipeline(configs / dataset, configs, data), lake_root)
+        return silver_frame_of(resolve_pipeline(configs / dataset, configs, data), lake_root)
 
     def score(frame: SilverFrame, request: ScoreRequest) -> np.ndarray:
         key = str(id(frame))

@@ -1,0 +1,1 @@
+"""Temporal activities: thin, retry-safe adapters over the engine and the store."""

@@ -1,0 +1,372 @@
+"""Activities of the ExperimentSweep workflow: plan the sweep, evaluate a chunk, finish the job.
+
+Points are expanded exactly as :func:`qmachina.experiment_run.run_experiment` expands them, so a
+sweep run in-process and one run by Temporal have the same points and point hashes. Every write
+is idempotent: runs are upserted per ``(job_id, point_hash)`` and status changes that already
+happened are skipped, so any activity may be retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.heartbeat import Heartbeat, last_heartbeat
+from engine.evaluation import metrics_of
+from engine.gold.graph import GoldGraph
+from engine.gold.runtime import GoldFrame, run_gold
+from engine.signals.builtin import load_builtin_signals
+from engine.signals.registry import SignalInputs, get_signal
+from engine.silver_frame import SilverFrame
+from engine.sweep_core import ScoreRequest, SweepPoint, expand_points, run_sweep_core, score_key
+from qmachina.experiment_run import silver_frame_of, sweep_space
+from qmachina.silver_build import MANIFEST_FILE, build_silver
+from qmachina.specs.experiment import ExperimentSpec
+from qmachina.specs.gold import load_gold_spec
+from qmachina.specs.identity import spec_hash
+from qmachina.specs.pipeline import ResolvedPipeline, resolve_pipeline
+from qmachina.specs.serving import ServingSpec
+from qmachina.specs.yaml_loader import load_spec
+from qmachina.store import repository as repo
+from qmachina.store.models import ExperimentRun
+from workflows.experiment_sweep import (
+    EVALUATE_CHUNK,
+    FINISH_SWEEP,
+    PLAN_SWEEP,
+    ChunkBounds,
+    ChunkRequest,
+    ChunkResult,
+    ExperimentSource,
+    FinishRequest,
+    PlanRequest,
+    SweepOutcome,
+    SweepPlan,
+)
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+@dataclass(frozen=True)
+class ChunkProgress:
+    """Heartbeat details of ``evaluate_chunk``: the chunk's first ``points_done`` points are
+    recorded, ``points_failed`` of them as failed."""
+
+    points_done: int
+    points_failed: int
+
+
+@dataclass(frozen=True)
+class LoadedSweep:
+    """An experiment's spec chain and its expanded points."""
+
+    experiment: ExperimentSpec
+    gold_graph: GoldGraph
+    points: list[SweepPoint]
+    spec_hashes: dict[str, str]
+    configs_root: Path
+    data_root: Path
+    lake_root: Path
+
+    @property
+    def points_digest(self) -> str:
+        """sha256 of the point hashes in sweep order: equal digests, equal chunks."""
+        return hashlib.sha256("\n".join(p.point_hash for p in self.points).encode()).hexdigest()
+
+    def pipeline(self, dataset: str) -> ResolvedPipeline:
+        return resolve_pipeline(self.configs_root / dataset, self.configs_root, self.data_root)
+
+
+def load_sweep(source: ExperimentSource) -> LoadedSweep:
+    """Resolve the experiment at ``source`` and expand its points."""
+    configs = Path(source.configs_root)
+    load_builtin_signals()
+    experiment = load_spec(configs / source.experiment, ExperimentSpec)
+    serving = load_spec(configs / experiment.serving, ServingSpec)
+    gold_spec = load_gold_spec(configs / serving.gold)
+    return LoadedSweep(
+        experiment=experiment,
+        gold_graph=gold_spec.graph(),
+        points=expand_points(sweep_space(experiment, serving)),
+        spec_hashes={
+            "experiment": spec_hash(experiment),
+            "serving": spec_hash(serving),
+            "gold": spec_hash(gold_spec),
+        },
+        configs_root=configs,
+        data_root=Path(source.data_root),
+        lake_root=Path(source.lake_root),
+    )
+
+
+def chunk_bounds(points_total: int, chunk_points: int) -> list[ChunkBounds]:
+    """Consecutive chunks of at most ``chunk_points`` points; points sharing a score are
+    adjacent in sweep order, so a chunk mostly computes each score once."""
+    return [
+        ChunkBounds(start, min(start + chunk_points, points_total))
+        for start in range(0, points_total, chunk_points)
+    ]
+
+
+@dataclass
+class PointOutcome:
+    """One point's metrics per span, or the error that stopped it."""
+
+    metrics: dict[str, Any]
+    failed: bool
+
+
+def _finite(metrics: Mapping[str, float | int]) -> dict[str, float | int | None]:
+    # NaN (e.g. a hit rate without trades) is not JSON; the store keeps it as null.
+    return {
+        name: None if isinstance(value, float) and not math.isfinite(value) else value
+        for name, value in metrics.items()
+    }
+
+
+def _failure(error: BaseException) -> PointOutcome:
+    trace = "".join(traceback.format_exception(error))
+    return PointOutcome(
+        {"error": {"type": type(error).__name__, "message": str(error), "traceback": trace}},
+        failed=True,
+    )
+
+
+@dataclass
+class ChunkEvaluator:
+    """Evaluates a chunk's points with shared work: one dataset's silver and gold held at a time,
+    each score computed once for all the points sharing it."""
+
+    sweep: LoadedSweep
+    points: Sequence[SweepPoint]
+    _outcomes: dict[str, PointOutcome] = field(default_factory=dict)
+    _dataset: str | None = None
+    _frame: SilverFrame | None = None
+    _gold: GoldFrame | None = None
+
+    def outcome(self, point: SweepPoint) -> PointOutcome:
+        if point.point_hash not in self._outcomes:
+            key = score_key(point)
+            self._evaluate([p for p in self.points if score_key(p) == key])
+        return self._outcomes.pop(point.point_hash)
+
+    def _evaluate(self, group: Sequence[SweepPoint]) -> None:
+        try:
+            self._outcomes.update(self._evaluate_together(group))
+        except Exception:
+            # One bad point must not sink the others sharing its score: evaluate each alone.
+            for point in group:
+                try:
+                    self._outcomes.update(self._evaluate_together([point]))
+                except Exception as error:
+                    self._outcomes[point.point_hash] = _failure(error)
+
+    def _evaluate_together(self, group: Sequence[SweepPoint]) -> dict[str, PointOutcome]:
+        result = run_sweep_core(
+            self._load_frame,
+            self._score,
+            group,
+            train_fraction=self.sweep.experiment.dataset.train_fraction,
+        )
+        return {
+            point.point_hash: PointOutcome(
+                {
+                    "train": _finite(metrics_of(train)),
+                    "test": _finite(metrics_of(test)),
+                },
+                failed=False,
+            )
+            for point, train, test in zip(
+                result.points, result.metrics["train"], result.metrics["test"], strict=True
+            )
+        }
+
+    def _load_frame(self, dataset: str) -> SilverFrame:
+        if self._dataset != dataset or self._frame is None:
+            self._frame = None
+            self._gold = None  # one dataset's silver and gold at a time
+            self._frame = silver_frame_of(self.sweep.pipeline(dataset), self.sweep.lake_root)
+            self._dataset = dataset
+        return self._frame
+
+    def _score(self, frame: SilverFrame, request: ScoreRequest) -> np.ndarray:
+        if self._gold is None:
+            self._gold = run_gold(self.sweep.gold_graph, frame)
+        inputs = SignalInputs(
+            frame=frame,
+            gold=self._gold.outputs,
+            tp_ticks=request.tp_ticks,
+            sl_ticks=request.sl_ticks,
+            max_hold_bins=request.max_hold_bins,
+        )
+        return get_signal(request.signal).score(inputs, request.params)
+
+
+def point_params(point: SweepPoint) -> dict[str, Any]:
+    """A point's fields as stored with its run."""
+    params = asdict(point)
+    params["signal_params"] = dict(point.signal_params)
+    return params
+
+
+def _ensure_silver(sweep: LoadedSweep) -> None:
+    # Built here, once, so concurrent chunks only ever read the lake.
+    for dataset in dict.fromkeys(p.dataset for p in sweep.points):
+        pipeline = sweep.pipeline(dataset)
+        if not (sweep.lake_root / pipeline.pipeline_hash / MANIFEST_FILE).is_file():
+            build_silver(pipeline, sweep.lake_root)
+
+
+class SweepActivities:
+    """The sweep's activities, bound to the control-plane store the worker holds."""
+
+    def __init__(self, sessions: Sessions) -> None:
+        self._sessions = sessions
+
+    @activity.defn(name=PLAN_SWEEP)
+    async def plan_sweep(self, request: PlanRequest) -> SweepPlan:
+        """Expand the points, build missing silver, cut the chunks and mark the job running."""
+        async with Heartbeat(None):
+            sweep = await asyncio.to_thread(load_sweep, request.source)
+            await asyncio.to_thread(_ensure_silver, sweep)
+        parallelism = sweep.experiment.parallelism
+        plan = SweepPlan(
+            points_total=len(sweep.points),
+            points_digest=sweep.points_digest,
+            chunks=chunk_bounds(
+                len(sweep.points), request.chunk_points or parallelism.chunk_points
+            ),
+            max_concurrent_chunks=request.max_concurrent_chunks
+            or parallelism.max_concurrent_chunks,
+        )
+        async with self._sessions.begin() as session:
+            job = await repo.get_job(session, request.workspace_id, request.job_id)
+            if job.status == "queued":
+                await repo.set_job_status(session, request.workspace_id, request.job_id, "running")
+                await repo.append_job_event(
+                    session,
+                    request.workspace_id,
+                    request.job_id,
+                    "sweep_planned",
+                    {"points_total": plan.points_total, "chunks": len(plan.chunks)},
+                )
+            elif job.status != "running":
+                raise ApplicationError(
+                    f"experiment job {job.id} is {job.status}; it cannot be swept",
+                    non_retryable=True,
+                )
+        return plan
+
+    @activity.defn(name=EVALUATE_CHUNK)
+    async def evaluate_chunk(self, request: ChunkRequest) -> ChunkResult:
+        """Evaluate and record the chunk's points, resuming after the last heartbeat and skipping
+        points an earlier attempt recorded after it."""
+        sweep = await asyncio.to_thread(load_sweep, request.source)
+        if sweep.points_digest != request.points_digest:
+            raise ApplicationError(
+                f"experiment {request.source.experiment} no longer expands to the planned points "
+                f"(digest {sweep.points_digest[:12]}, planned {request.points_digest[:12]})",
+                non_retryable=True,
+            )
+        points = sweep.points[request.bounds.start : request.bounds.end]
+        progress = last_heartbeat(ChunkProgress) or ChunkProgress(0, 0)
+        remaining = points[progress.points_done :]
+        recorded = await self._recorded_statuses(request, remaining)
+        evaluator = ChunkEvaluator(sweep, [p for p in remaining if p.point_hash not in recorded])
+        async with Heartbeat(progress) as heartbeat:
+            for point in remaining:
+                status = recorded.get(point.point_hash)
+                if status is None:
+                    if request.point_delay_seconds > 0:
+                        await asyncio.sleep(request.point_delay_seconds)
+                    outcome = await asyncio.to_thread(evaluator.outcome, point)
+                    status = "failed" if outcome.failed else "succeeded"
+                    await self._record(request, sweep, point, outcome, status)
+                done = heartbeat.details
+                heartbeat.report(
+                    ChunkProgress(done.points_done + 1, done.points_failed + (status == "failed"))
+                )
+        done = heartbeat.details
+        return ChunkResult(request.chunk_index, done.points_done, done.points_failed)
+
+    @activity.defn(name=FINISH_SWEEP)
+    async def finish_sweep(self, request: FinishRequest) -> SweepOutcome:
+        """Move the job to its final state (once) and count its recorded runs."""
+        workspace_id, job_id = request.workspace_id, request.job_id
+        async with self._sessions.begin() as session:
+            job = await repo.get_job(session, workspace_id, job_id)
+            if job.status == "queued" and request.state != "canceled":
+                await repo.set_job_status(session, workspace_id, job_id, "running")
+            counts = await _run_counts(session, workspace_id, job_id)
+            if job.status != request.state:
+                await repo.set_job_status(
+                    session, workspace_id, job_id, request.state, error=request.error
+                )
+                await repo.append_job_event(
+                    session,
+                    workspace_id,
+                    job_id,
+                    "sweep_finished",
+                    {"state": request.state, **counts},
+                )
+        return SweepOutcome(
+            request.state,
+            points_recorded=counts["succeeded"] + counts["failed"],
+            points_failed=counts["failed"],
+        )
+
+    async def _recorded_statuses(
+        self, request: ChunkRequest, points: Sequence[SweepPoint]
+    ) -> dict[str, str]:
+        hashes = [p.point_hash for p in points]
+        async with self._sessions() as session:
+            rows = await session.execute(
+                sa.select(ExperimentRun.point_hash, ExperimentRun.status).where(
+                    ExperimentRun.workspace_id == request.workspace_id,
+                    ExperimentRun.job_id == request.job_id,
+                    ExperimentRun.point_hash.in_(hashes),
+                )
+            )
+            return dict(rows.all())
+
+    async def _record(
+        self,
+        request: ChunkRequest,
+        sweep: LoadedSweep,
+        point: SweepPoint,
+        outcome: PointOutcome,
+        status: str,
+    ) -> None:
+        async with self._sessions.begin() as session:
+            await repo.record_run(
+                session,
+                request.workspace_id,
+                request.job_id,
+                point.point_hash,
+                params=point_params(point),
+                metrics=outcome.metrics,
+                status=status,
+                spec_hashes=sweep.spec_hashes,
+            )
+
+
+async def _run_counts(session: AsyncSession, workspace_id: str, job_id: str) -> dict[str, int]:
+    rows = await session.execute(
+        sa.select(ExperimentRun.status, sa.func.count())
+        .where(ExperimentRun.workspace_id == workspace_id, ExperimentRun.job_id == job_id)
+        .group_by(ExperimentRun.status)
+    )
+    counts = {"succeeded": 0, "failed": 0}
+    counts.update(dict(rows.all()))
+    return counts

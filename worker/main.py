@@ -1,0 +1,101 @@
+"""A Temporal worker for experiment sweeps.
+
+``python -m worker.main --address HOST:PORT --task-queue experiment-sweep --database-url URL``
+runs until SIGINT or SIGTERM. The worker holds the store's database URL (never the workflow
+history), so credentials in it stay out of Temporal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from collections.abc import Sequence
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.sweep import SweepActivities
+from qmachina.store.database import create_store_engine, session_factory
+from workflows.experiment_sweep import TASK_QUEUE, ExperimentSweep
+
+DATABASE_URL_ENV = "QMACHINA_DATABASE_URL"
+
+
+def sweep_worker(
+    client: Client,
+    activities: SweepActivities,
+    *,
+    task_queue: str = TASK_QUEUE,
+    sticky_schedule_to_start: timedelta = timedelta(seconds=10),
+) -> Worker:
+    """A worker running ExperimentSweep and its activities on ``task_queue``.
+
+    ``sticky_schedule_to_start`` bounds how long a workflow waits for the worker that last ran
+    it before another worker takes over, which is how long a killed worker delays recovery.
+    """
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[ExperimentSweep],
+        activities=[activities.plan_sweep, activities.evaluate_chunk, activities.finish_sweep],
+        sticky_queue_schedule_to_start_timeout=sticky_schedule_to_start,
+    )
+
+
+async def run_worker(
+    address: str,
+    namespace: str,
+    task_queue: str,
+    database_url: str,
+    sticky_schedule_to_start: timedelta,
+) -> None:
+    """Serve ``task_queue`` until SIGINT or SIGTERM, then shut down gracefully."""
+    client = await Client.connect(address, namespace=namespace)
+    engine = create_store_engine(database_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        worker = sweep_worker(
+            client,
+            SweepActivities(session_factory(engine)),
+            task_queue=task_queue,
+            sticky_schedule_to_start=sticky_schedule_to_start,
+        )
+        async with worker:
+            await stop.wait()
+    finally:
+        await engine.dispose()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m worker.main", description=__doc__)
+    parser.add_argument("--address", default=os.environ.get("TEMPORAL_ADDRESS", "localhost:7233"))
+    parser.add_argument("--namespace", default="default")
+    parser.add_argument("--task-queue", default=TASK_QUEUE)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(DATABASE_URL_ENV),
+        help=f"the control-plane store (default: ${DATABASE_URL_ENV})",
+    )
+    parser.add_argument("--sticky-schedule-to-start-seconds", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    if not args.database_url:
+        parser.error(f"--database-url or ${DATABASE_URL_ENV} is required")
+    asyncio.run(
+        run_worker(
+            args.address,
+            args.namespace,
+            args.task_queue,
+            args.database_url,
+            timedelta(seconds=args.sticky_schedule_to_start_seconds),
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
