@@ -4,7 +4,6 @@ signal → sweep core, ranked on the training span and reported on the test span
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,41 +13,14 @@ from typer.testing import CliRunner
 from engine.gold.runtime import GoldFrame, run_gold
 from qmachina import experiment_run
 from qmachina.cli import app
-from qmachina.specs.pipeline import default_configs_root
+from tests.es_grid import SMALL_EXPERIMENT, es_session_configs
 
 runner = CliRunner()
 
-EXPERIMENT = """\
-name: es_small
-serving: serving/derivative_baseline.yaml
-dataset: {train_fraction: 0.5}
-eval:
-  tp_ticks: [2, 4]
-  sl_ticks: 2
-  max_hold_bins: 300
-  warmup_bins: 100
-  cooldown_bins: [0, 20]
-sweep:
-  threshold: [0.2, 0.5]
-  signal_params:
-    k_ticks: [4, 8]
-"""
-
 
 @pytest.fixture
-def configs(tmp_path: Path, sample_dir: Path) -> Path:
-    """The shipped configs, with the ES pipeline cut to twenty minutes after the open."""
-    root = tmp_path / "configs"
-    shutil.copytree(default_configs_root(), root)
-    pipeline = root / "pipelines" / "es_default.yaml"
-    pipeline.write_text(
-        pipeline.read_text().replace(
-            "  raw_symbol: ESH4\n",
-            "  raw_symbol: ESH4\n  session: {start: '2023-12-25T17:00', end: '2023-12-25T17:20'}\n",
-        )
-    )
-    (root / "experiments" / "es_small.yaml").write_text(EXPERIMENT)
-    return root
+def configs(tmp_path: Path) -> Path:
+    return es_session_configs(tmp_path, {"es_small": SMALL_EXPERIMENT})
 
 
 def test_experiment_runs_every_point_with_gold_once(

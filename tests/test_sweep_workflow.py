@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from temporalio.worker import Worker
 from activities.sweep import SweepActivities, load_sweep
 from qmachina import experiment_run
 from qmachina.silver_build import build_silver
-from qmachina.specs.pipeline import default_configs_root, resolve_pipeline
+from qmachina.specs.pipeline import resolve_pipeline
 from qmachina.store import repository as repo
 from qmachina.store.database import (
     create_store_engine,
@@ -38,6 +37,7 @@ from qmachina.store.database import (
 )
 from qmachina.store.models import ExperimentRun
 from tests.conftest import REPO_ROOT
+from tests.es_grid import SMALL_EXPERIMENT, es_session_configs
 from worker.main import sweep_worker
 from workflows.experiment_sweep import (
     ExperimentSource,
@@ -50,22 +50,6 @@ from workflows.experiment_sweep import (
 TEMPORAL = Path(sys.executable).parent / "temporal"
 REPLAY_DIR = Path(__file__).resolve().parent / "replay"
 RECORD_HISTORIES_ENV = "QMACHINA_RECORD_HISTORIES"
-
-SMALL = """\
-name: es_small
-serving: serving/derivative_baseline.yaml
-dataset: {train_fraction: 0.5}
-eval:
-  tp_ticks: [2, 4]
-  sl_ticks: 2
-  max_hold_bins: 300
-  warmup_bins: 100
-  cooldown_bins: [0, 20]
-sweep:
-  threshold: [0.2, 0.5]
-  signal_params:
-    k_ticks: [4, 8]
-"""
 
 # z_min_periods 700 exceeds the serving spec's z_window (600): the signal refuses those points.
 FAILING = """\
@@ -100,17 +84,8 @@ class Roots:
 def roots(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Roots:
     """The shipped configs with the ES pipeline cut to twenty minutes, its silver in a lake."""
     base = tmp_path_factory.mktemp("sweep")
-    configs = base / "configs"
-    shutil.copytree(default_configs_root(), configs)
+    configs = es_session_configs(base, {"es_small": SMALL_EXPERIMENT, "es_failing": FAILING})
     pipeline = configs / "pipelines" / "es_default.yaml"
-    pipeline.write_text(
-        pipeline.read_text().replace(
-            "  raw_symbol: ESH4\n",
-            "  raw_symbol: ESH4\n  session: {start: '2023-12-25T17:00', end: '2023-12-25T17:20'}\n",
-        )
-    )
-    (configs / "experiments" / "es_small.yaml").write_text(SMALL)
-    (configs / "experiments" / "es_failing.yaml").write_text(FAILING)
     build_silver(resolve_pipeline(pipeline, configs, sample_dir), base / "lake")
     return Roots(configs, sample_dir, base / "lake")
 
