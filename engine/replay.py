@@ -70,9 +70,11 @@ __all__ = [
     "UnsortedFileError",
     "UnsupportedFileError",
     "file_summary",
+    "in_zone",
     "paced",
     "replay_files",
     "session_window_ns",
+    "utc_ns",
 ]
 
 EventArray = npt.NDArray[np.void]
@@ -724,8 +726,8 @@ def session_window_ns(start: datetime | str, end: datetime | str, tz: str) -> tu
         zone = ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise ValueError(f"unknown time zone {tz!r}") from exc
-    start_ns = _to_utc_ns(_localize(start, zone, "start"))
-    end_ns = _to_utc_ns(_localize(end, zone, "end"))
+    start_ns = utc_ns(_localize(start, zone, "start"))
+    end_ns = utc_ns(_localize(end, zone, "end"))
     if end_ns <= start_ns:
         raise ValueError(f"session end ({end}) must be after its start ({start}) in {tz}")
     return start_ns, end_ns
@@ -739,22 +741,24 @@ def _localize(value: datetime | str, zone: ZoneInfo, what: str) -> datetime:
             raise ValueError(f"session {what} {value!r} is not an ISO datetime") from exc
     if value.tzinfo is not None:
         return value
-    early = value.replace(tzinfo=zone, fold=0)
-    late = value.replace(tzinfo=zone, fold=1)
+    try:
+        return in_zone(value, zone)
+    except ValueError as exc:
+        raise ValueError(f"session {what} {exc}") from None
+
+
+def in_zone(local: datetime, zone: ZoneInfo) -> datetime:
+    """Attach ``zone`` to a wall-clock time, refusing times a DST change makes unclear."""
+    early, late = local.replace(tzinfo=zone, fold=0), local.replace(tzinfo=zone, fold=1)
+    if early.utcoffset() == late.utcoffset():
+        return early
     # A wall time that does not survive a round trip through UTC is inside a DST gap.
-    if early.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != value:
-        raise ValueError(
-            f"session {what} {value.isoformat()} does not exist in {zone.key} (DST gap)"
-        )
-    if early.utcoffset() != late.utcoffset():
-        raise ValueError(
-            f"session {what} {value.isoformat()} is ambiguous in {zone.key} (DST fall-back); "
-            "give it a UTC offset"
-        )
-    return early
+    if early.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != local:
+        raise ValueError(f"{local.isoformat()} does not exist in {zone.key} (skipped by DST)")
+    raise ValueError(f"{local.isoformat()} is ambiguous in {zone.key} (repeated by DST)")
 
 
-def _to_utc_ns(value: datetime) -> int:
-    """Exact integer nanoseconds since the epoch (no float rounding)."""
-    delta = value - _EPOCH
+def utc_ns(moment: datetime) -> int:
+    """Exact integer nanoseconds since the epoch of an aware datetime (no float rounding)."""
+    delta = moment - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000

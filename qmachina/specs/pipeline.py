@@ -9,7 +9,7 @@ files under a data root given at call time, and hashes the resolved content.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path, PurePath
 from typing import Annotated, Self
 from zoneinfo import ZoneInfo
@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from engine.replay import in_zone, utc_ns
 from qmachina.specs.errors import SpecError, SpecIssue
 from qmachina.specs.identity import spec_hash
 from qmachina.specs.instrument import (
@@ -43,7 +44,6 @@ from qmachina.specs.yaml_loader import (
 )
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 PipelineName = Annotated[
     str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -152,12 +152,12 @@ class ResolvedSession(BaseModel):
     @property
     def start_ns(self) -> int:
         """Start as nanoseconds since the Unix epoch (UTC), like DBN timestamps."""
-        return _epoch_ns(self.start)
+        return utc_ns(self.start)
 
     @property
     def end_ns(self) -> int:
         """End (exclusive) as nanoseconds since the Unix epoch (UTC)."""
-        return _epoch_ns(self.end)
+        return utc_ns(self.end)
 
 
 class ResolvedPipeline(BaseModel):
@@ -304,7 +304,7 @@ def _place_session(
     for edge in ("start", "end"):
         local: datetime = getattr(window, edge)
         try:
-            placed[edge] = _in_zone(local, zone)
+            placed[edge] = in_zone(local, zone)
         except ValueError as exc:
             issues.append(document.issue(("capture", "session", edge), str(exc)))
     if issues:
@@ -312,21 +312,7 @@ def _place_session(
     return ResolvedSession(start=placed["start"], end=placed["end"]), []
 
 
-def _in_zone(local: datetime, zone: ZoneInfo) -> datetime:
-    """Attach ``zone`` to a wall-clock time, refusing times a DST change makes unclear."""
-    early, late = local.replace(tzinfo=zone, fold=0), local.replace(tzinfo=zone, fold=1)
-    if early.utcoffset() == late.utcoffset():
-        return early
-    if early.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != local:
-        raise ValueError(f"{local.isoformat()} does not exist in {zone.key} (skipped by DST)")
-    raise ValueError(f"{local.isoformat()} is ambiguous in {zone.key} (repeated by DST)")
-
-
 def _portable_name(dataset_file: str) -> str:
     """A dataset file as it enters the hash: relative as written, absolute by name only."""
     path = PurePath(dataset_file)
     return path.name if path.is_absolute() else path.as_posix()
-
-
-def _epoch_ns(moment: datetime) -> int:
-    return (moment - _EPOCH) // timedelta(microseconds=1) * 1_000
