@@ -47,7 +47,3 @@ F_MBP = 16
 F_BAD_TS_RECV = 8
 F_MAYBE_BAD_BOOK = 4
 
-
-def empty_events(n: int) -> np.ndarray:
-    """A zeroed event batch of ``n`` records."""
-    return np.zeros(n, dtype=EVENT_DTYPE)
