@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     )
     """``host:port`` of a Temporal frontend; None: ``qmachina up`` starts the embedded server."""
     temporal_namespace: str = Field(default="default", min_length=1)
+    temporal_dev_port: int = Field(default=7233, ge=1, le=65535)
+    """The embedded dev server's frontend port (used when ``temporal_address`` is None)."""
     temporal_ui_port: int = Field(default=8233, ge=1, le=65535)
     api_host: str = Field(default="127.0.0.1", min_length=1)
     api_port: int = Field(default=8000, ge=1, le=65535)
@@ -69,6 +71,12 @@ class Settings(BaseSettings):
         default=None, validation_alias=_standard_name("OPENFGA_API_URL")
     )
     """An OpenFGA server; None: the in-process evaluator of the same model decides."""
+
+    @property
+    def temporal_target(self) -> str:
+        """The Temporal frontend every process connects to: the configured cluster, else the
+        embedded dev server on this machine."""
+        return self.temporal_address or f"127.0.0.1:{self.temporal_dev_port}"
 
     @classmethod
     def settings_customise_sources(

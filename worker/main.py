@@ -1,15 +1,15 @@
 """A Temporal worker for experiment sweeps.
 
-``python -m worker.main --address HOST:PORT --task-queue experiment-sweep --database-url URL``
-runs until SIGINT or SIGTERM. The worker holds the store's database URL (never the workflow
-history), so credentials in it stay out of Temporal.
+``python -m worker.main`` runs until SIGINT or SIGTERM. Every option defaults to the settings
+(:mod:`qmachina.settings`: ``TEMPORAL_ADDRESS``, ``QMACHINA_DATABASE_URL``, ...). The worker
+holds the store's database URL (never the workflow history), so credentials in it stay out of
+Temporal.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 from collections.abc import Sequence
 from datetime import timedelta
@@ -18,10 +18,9 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.sweep import SweepActivities
+from qmachina.settings import SettingsError, load_settings
 from qmachina.store.database import create_store_engine, session_factory
 from workflows.experiment_sweep import TASK_QUEUE, ExperimentSweep
-
-DATABASE_URL_ENV = "QMACHINA_DATABASE_URL"
 
 
 def sweep_worker(
@@ -74,18 +73,18 @@ async def run_worker(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker.main", description=__doc__)
-    parser.add_argument("--address", default=os.environ.get("TEMPORAL_ADDRESS", "localhost:7233"))
-    parser.add_argument("--namespace", default="default")
+    try:
+        settings = load_settings()
+    except SettingsError as error:
+        parser.error(str(error))
+    parser.add_argument("--address", default=settings.temporal_target)
+    parser.add_argument("--namespace", default=settings.temporal_namespace)
     parser.add_argument("--task-queue", default=TASK_QUEUE)
     parser.add_argument(
-        "--database-url",
-        default=os.environ.get(DATABASE_URL_ENV),
-        help=f"the control-plane store (default: ${DATABASE_URL_ENV})",
+        "--database-url", default=settings.database_url, help="the control-plane store"
     )
     parser.add_argument("--sticky-schedule-to-start-seconds", type=float, default=10.0)
     args = parser.parse_args(argv)
-    if not args.database_url:
-        parser.error(f"--database-url or ${DATABASE_URL_ENV} is required")
     asyncio.run(
         run_worker(
             args.address,

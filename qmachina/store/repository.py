@@ -368,3 +368,19 @@ async def audit_trail(session: AsyncSession, workspace_id: str) -> list[AuditEve
         .order_by(AuditEvent.created_at, AuditEvent.id)
     )
     return list(rows)
+
+
+async def workspace_by_slug(session: AsyncSession, slug: str) -> Workspace | None:
+    """The workspace with this slug, if any."""
+    found: Workspace | None = await session.scalar(
+        sa.select(Workspace).where(Workspace.slug == slug)
+    )
+    return found
+
+
+async def ensure_workspace(session: AsyncSession, slug: str, name: str) -> Workspace:
+    """The workspace with this slug, created first if the store has none (idempotent)."""
+    found = await workspace_by_slug(session, slug)
+    if found is not None:
+        return found
+    return await create_workspace(session, slug, name)
