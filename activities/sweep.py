@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import Heartbeat, last_heartbeat
+from activities.sweep_tracking import TrackingTarget, leaderboard_of, log_sweep
 from engine.evaluation import metrics_of
 from engine.gold.graph import GoldGraph
 from engine.gold.runtime import GoldFrame, run_gold
@@ -33,6 +35,7 @@ from engine.silver_frame import SilverFrame
 from engine.sweep_core import ScoreRequest, SweepPoint, expand_points, run_sweep_core, score_key
 from qmachina.experiment_run import silver_frame_of, sweep_space
 from qmachina.silver_build import MANIFEST_FILE, build_silver
+from qmachina.specs.errors import SpecError
 from qmachina.specs.experiment import ExperimentSpec
 from qmachina.specs.gold import load_gold_spec
 from qmachina.specs.identity import spec_hash
@@ -40,11 +43,14 @@ from qmachina.specs.pipeline import ResolvedPipeline, resolve_pipeline
 from qmachina.specs.serving import ServingSpec
 from qmachina.specs.yaml_loader import load_spec
 from qmachina.store import repository as repo
-from qmachina.store.models import ExperimentRun
+from qmachina.store.models import ExperimentRun, utc_now
+from qmachina.tracking import silver_ref
 from workflows.experiment_sweep import (
     EVALUATE_CHUNK,
     FINISH_SWEEP,
     PLAN_SWEEP,
+    TRACK_SWEEP,
+    BestPoint,
     ChunkBounds,
     ChunkRequest,
     ChunkResult,
@@ -53,18 +59,25 @@ from workflows.experiment_sweep import (
     PlanRequest,
     SweepOutcome,
     SweepPlan,
+    TrackRequest,
+    TrackResult,
+    better,
 )
 
 Sessions = async_sessionmaker[AsyncSession]
+
+PROGRESS_EVENT_INTERVAL_SECONDS = 1.0
+"""A chunk appends a ``progress`` job event at most this often, and once when it ends."""
 
 
 @dataclass(frozen=True)
 class ChunkProgress:
     """Heartbeat details of ``evaluate_chunk``: the chunk's first ``points_done`` points are
-    recorded, ``points_failed`` of them as failed."""
+    recorded, ``points_failed`` of them as failed; ``best`` is the best of them."""
 
     points_done: int
     points_failed: int
+    best: BestPoint | None = None
 
 
 @dataclass(frozen=True)
@@ -228,17 +241,31 @@ def _ensure_silver(sweep: LoadedSweep) -> None:
             build_silver(pipeline, sweep.lake_root)
 
 
-class SweepActivities:
-    """The sweep's activities, bound to the control-plane store the worker holds."""
+def objective_value(outcome: PointOutcome, objective: str) -> float | None:
+    """The point's training-span objective, if it succeeded with a finite one."""
+    if outcome.failed:
+        return None
+    value = outcome.metrics["train"].get(objective)
+    return None if value is None else float(value)
 
-    def __init__(self, sessions: Sessions) -> None:
+
+class SweepActivities:
+    """The sweep's activities, bound to the control-plane store the worker holds and, when
+    given, the MLflow tracking target."""
+
+    def __init__(self, sessions: Sessions, tracking: TrackingTarget | None = None) -> None:
         self._sessions = sessions
+        self._tracking = tracking
 
     @activity.defn(name=PLAN_SWEEP)
     async def plan_sweep(self, request: PlanRequest) -> SweepPlan:
         """Expand the points, build missing silver, cut the chunks and mark the job running."""
         async with Heartbeat(None):
-            sweep = await asyncio.to_thread(load_sweep, request.source)
+            try:
+                sweep = await asyncio.to_thread(load_sweep, request.source)
+            except SpecError as error:
+                # The same spec fails the same way on every attempt: do not retry.
+                raise ApplicationError(str(error), type="SpecError", non_retryable=True) from error
             await asyncio.to_thread(_ensure_silver, sweep)
         parallelism = sweep.experiment.parallelism
         plan = SweepPlan(
@@ -249,6 +276,7 @@ class SweepActivities:
             ),
             max_concurrent_chunks=request.max_concurrent_chunks
             or parallelism.max_concurrent_chunks,
+            objective=sweep.experiment.objective,
         )
         async with self._sessions.begin() as session:
             job = await repo.get_job(session, request.workspace_id, request.job_id)
@@ -282,23 +310,104 @@ class SweepActivities:
         points = sweep.points[request.bounds.start : request.bounds.end]
         progress = last_heartbeat(ChunkProgress) or ChunkProgress(0, 0)
         remaining = points[progress.points_done :]
-        recorded = await self._recorded_statuses(request, remaining)
+        recorded = await self._recorded_runs(request, remaining)
         evaluator = ChunkEvaluator(sweep, [p for p in remaining if p.point_hash not in recorded])
+        objective = request.objective or sweep.experiment.objective
+        last_event = time.monotonic()
         async with Heartbeat(progress) as heartbeat:
             for point in remaining:
-                status = recorded.get(point.point_hash)
-                if status is None:
+                run = recorded.get(point.point_hash)
+                if run is None:
                     if request.point_delay_seconds > 0:
                         await asyncio.sleep(request.point_delay_seconds)
                     outcome = await asyncio.to_thread(evaluator.outcome, point)
                     status = "failed" if outcome.failed else "succeeded"
                     await self._record(request, sweep, point, outcome, status)
+                else:  # an earlier attempt recorded it after its last heartbeat
+                    outcome = PointOutcome(run.metrics, failed=run.status == "failed")
+                    status = run.status
+                value = objective_value(outcome, objective)
                 done = heartbeat.details
                 heartbeat.report(
-                    ChunkProgress(done.points_done + 1, done.points_failed + (status == "failed"))
+                    ChunkProgress(
+                        done.points_done + 1,
+                        done.points_failed + (status == "failed"),
+                        better(
+                            done.best,
+                            None if value is None else BestPoint(point.point_hash, value),
+                        ),
+                    )
                 )
+                if time.monotonic() - last_event >= PROGRESS_EVENT_INTERVAL_SECONDS:
+                    await self._progress_event(request, objective)
+                    last_event = time.monotonic()
+        await self._progress_event(request, objective)
         done = heartbeat.details
-        return ChunkResult(request.chunk_index, done.points_done, done.points_failed)
+        return ChunkResult(request.chunk_index, done.points_done, done.points_failed, done.best)
+
+    @activity.defn(name=TRACK_SWEEP)
+    async def track_sweep(self, request: TrackRequest) -> TrackResult:
+        """Log the job's recorded points to MLflow: a parent run, a child run per succeeded
+        point, the leaderboard and the silver it read (also kept as job artifacts)."""
+        if self._tracking is None:
+            return TrackResult(None, "this worker has no MLflow tracking target")
+        sweep = await asyncio.to_thread(load_sweep, request.source)
+        if not sweep.experiment.tracking.mlflow:
+            return TrackResult(None, "the experiment turns MLflow tracking off")
+        async with self._sessions() as session:
+            runs = await repo.list_runs(
+                session,
+                request.workspace_id,
+                request.job_id,
+                order_by=f"train.{sweep.experiment.objective}",
+            )
+        rows = leaderboard_of(sweep.points, runs, sweep.experiment.objective)
+        refs = [
+            silver_ref(sweep.lake_root, sweep.pipeline(dataset).pipeline_hash)
+            for dataset in dict.fromkeys(p.dataset for p in sweep.points)
+        ]
+        async with Heartbeat(0) as heartbeat:
+
+            async def logged(count: int) -> None:
+                heartbeat.report(count)
+
+            parent_run_id = await log_sweep(
+                self._tracking,
+                sweep.experiment,
+                sweep.spec_hashes,
+                rows,
+                refs,
+                state=request.state,
+                sweep_key=request.sweep_key,
+                on_batch=logged,
+            )
+        async with self._sessions.begin() as session:
+            known = {
+                a.uri
+                for a in await repo.list_artifacts(session, request.workspace_id, request.job_id)
+            }
+            for ref in refs:
+                if ref.path not in known:
+                    await repo.add_artifact(
+                        session,
+                        request.workspace_id,
+                        request.job_id,
+                        "silver",
+                        ref.path,
+                        ref.sha256,
+                    )
+            await repo.append_job_event(
+                session,
+                request.workspace_id,
+                request.job_id,
+                "tracked",
+                {
+                    "mlflow_parent_run_id": parent_run_id,
+                    "mlflow_tracking_uri": self._tracking.tracking_uri,
+                    "child_runs": len(rows),
+                },
+            )
+        return TrackResult(parent_run_id)
 
     @activity.defn(name=FINISH_SWEEP)
     async def finish_sweep(self, request: FinishRequest) -> SweepOutcome:
@@ -318,7 +427,12 @@ class SweepActivities:
                     workspace_id,
                     job_id,
                     "sweep_finished",
-                    {"state": request.state, **counts},
+                    {
+                        "state": request.state,
+                        **counts,
+                        "error": request.error,
+                        "tracking_error": request.tracking_error,
+                    },
                 )
         return SweepOutcome(
             request.state,
@@ -326,19 +440,55 @@ class SweepActivities:
             points_failed=counts["failed"],
         )
 
-    async def _recorded_statuses(
+    async def _recorded_runs(
         self, request: ChunkRequest, points: Sequence[SweepPoint]
-    ) -> dict[str, str]:
+    ) -> dict[str, ExperimentRun]:
         hashes = [p.point_hash for p in points]
         async with self._sessions() as session:
-            rows = await session.execute(
-                sa.select(ExperimentRun.point_hash, ExperimentRun.status).where(
+            rows = await session.scalars(
+                sa.select(ExperimentRun).where(
                     ExperimentRun.workspace_id == request.workspace_id,
                     ExperimentRun.job_id == request.job_id,
                     ExperimentRun.point_hash.in_(hashes),
                 )
             )
-            return dict(rows.all())
+            return {run.point_hash: run for run in rows}
+
+    async def _progress_event(self, request: ChunkRequest, objective: str) -> None:
+        """Append a ``progress`` job event: done/total, the best point so far and an ETA, all
+        read from the store (the source of truth whichever worker wrote the points)."""
+        async with self._sessions.begin() as session:
+            job = await repo.get_job(session, request.workspace_id, request.job_id)
+            counts = await _run_counts(session, request.workspace_id, request.job_id)
+            best = await repo.list_runs(
+                session,
+                request.workspace_id,
+                request.job_id,
+                order_by=f"train.{objective}",
+                limit=1,
+            )
+            done = counts["succeeded"] + counts["failed"]
+            elapsed = (utc_now() - job.started_at).total_seconds() if job.started_at else 0.0
+            remaining = max(request.points_total - done, 0)
+            best_value = best[0].metrics.get("train", {}).get(objective) if best else None
+            await repo.append_job_event(
+                session,
+                request.workspace_id,
+                request.job_id,
+                "progress",
+                {
+                    "points_total": request.points_total,
+                    "points_done": done,
+                    "points_failed": counts["failed"],
+                    "objective": objective,
+                    "best": None
+                    if best_value is None
+                    else {"point_hash": best[0].point_hash, "objective_value": best_value},
+                    "elapsed_seconds": round(elapsed, 3),
+                    "eta_seconds": round(elapsed / done * remaining, 3) if done else None,
+                    "chunk": request.chunk_index,
+                },
+            )
 
     async def _record(
         self,

@@ -9,6 +9,7 @@ leaderboard ranks by the training span only; the test span is what it reports.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,11 +133,21 @@ def run_experiment(
             sweep.points, sweep.metrics["train"], sweep.metrics["test"], strict=True
         )
     ]
-    objective = experiment.objective
-    rows.sort(
+    return ExperimentResult(
+        experiment,
+        serving,
+        spec_hash(gold_spec),
+        sweep,
+        tuple(leaderboard_order(rows, experiment.objective)),
+    )
+
+
+def leaderboard_order(rows: Iterable[LeaderboardRow], objective: str) -> list[LeaderboardRow]:
+    """Rows ranked by ``objective`` on the training span, best first; NaN last, ties by hash."""
+    return sorted(
+        rows,
         key=lambda row: (
             -np.nan_to_num(row.train[objective], nan=-np.inf),
             row.point.point_hash,
-        )
+        ),
     )
-    return ExperimentResult(experiment, serving, spec_hash(gold_spec), sweep, tuple(rows))

@@ -1,11 +1,15 @@
-"""Shared pytest fixtures: where the real Databento sample files live."""
+"""Shared pytest fixtures: where the real Databento sample files live, and the sweep setup."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
+
+from qmachina.store.database import default_sqlite_url, upgrade_to_head
+from tests.sweep_stack import Roots, make_roots
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +28,17 @@ def sample_dir() -> Path:
             f"sample data directory {path} is missing (set QMACHINA_SAMPLE_DATA)"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def sweep_roots(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Roots:
+    """The ES twenty-minute configs and their silver, built once for every sweep test."""
+    return make_roots(tmp_path_factory.mktemp("sweep"), sample_dir)
+
+
+@pytest.fixture
+def sweep_store_url(tmp_path: Path) -> str:
+    """A fresh SQLite store at head, for one test."""
+    url = default_sqlite_url(tmp_path)
+    asyncio.run(upgrade_to_head(url))
+    return url

@@ -8,189 +8,30 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
-from datetime import timedelta
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import CancelledError
-from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
-from activities.sweep import SweepActivities, load_sweep
+from activities.sweep import load_sweep
 from qmachina import experiment_run
-from qmachina.silver_build import build_silver
-from qmachina.specs.pipeline import resolve_pipeline
-from qmachina.store import repository as repo
-from qmachina.store.database import (
-    create_store_engine,
-    default_sqlite_url,
-    session_factory,
-    upgrade_to_head,
-)
-from qmachina.store.models import ExperimentRun
 from tests.conftest import REPO_ROOT
-from tests.es_grid import SMALL_EXPERIMENT, es_session_configs
-from worker.main import sweep_worker
-from workflows.experiment_sweep import (
-    ExperimentSource,
-    ExperimentSweep,
-    SweepOutcome,
-    SweepRequest,
-    sweep_workflow_id,
-)
+from tests.sweep_stack import Roots, sweep_stack, until
+from workflows.experiment_sweep import ExperimentSweep, SweepOutcome
 
-TEMPORAL = Path(sys.executable).parent / "temporal"
 REPLAY_DIR = Path(__file__).resolve().parent / "replay"
 RECORD_HISTORIES_ENV = "QMACHINA_RECORD_HISTORIES"
 
-# z_min_periods 700 exceeds the serving spec's z_window (600): the signal refuses those points.
-FAILING = """\
-name: es_failing
-serving: serving/derivative_baseline.yaml
-dataset: {train_fraction: 0.5}
-eval:
-  tp_ticks: [2, 4]
-  sl_ticks: 2
-  max_hold_bins: 300
-  warmup_bins: 100
-sweep:
-  threshold: [0.2, 0.5]
-  signal_params:
-    z_min_periods: [60, 700]
-"""
 
-
-@dataclass(frozen=True)
-class Roots:
-    configs: Path
-    data: Path
-    lake: Path
-
-    def source(self, experiment: str) -> ExperimentSource:
-        return ExperimentSource(
-            f"experiments/{experiment}.yaml", str(self.configs), str(self.data), str(self.lake)
-        )
-
-
-@pytest.fixture(scope="module")
-def roots(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Roots:
-    """The shipped configs with the ES pipeline cut to twenty minutes, its silver in a lake."""
-    base = tmp_path_factory.mktemp("sweep")
-    configs = es_session_configs(base, {"es_small": SMALL_EXPERIMENT, "es_failing": FAILING})
-    pipeline = configs / "pipelines" / "es_default.yaml"
-    build_silver(resolve_pipeline(pipeline, configs, sample_dir), base / "lake")
-    return Roots(configs, sample_dir, base / "lake")
-
-
-@pytest.fixture
-def store_url(tmp_path: Path) -> str:
-    url = default_sqlite_url(tmp_path)
-    asyncio.run(upgrade_to_head(url))
-    return url
-
-
-@dataclass
-class Stack:
-    """A dev server, a store and a fresh task queue for one test."""
-
-    env: WorkflowEnvironment
-    activities: SweepActivities
-    store_url: str
-    task_queue: str
-    workspace_id: str
-    job_id: str
-
-    def worker(self) -> Worker:
-        return sweep_worker(
-            self.env.client,
-            self.activities,
-            task_queue=self.task_queue,
-            sticky_schedule_to_start=timedelta(seconds=1),
-        )
-
-    def request(self, experiment: str, roots: Roots) -> SweepRequest:
-        return SweepRequest(self.workspace_id, self.job_id, roots.source(experiment))
-
-    async def start(self, request: SweepRequest) -> WorkflowHandle[ExperimentSweep, SweepOutcome]:
-        return await self.env.client.start_workflow(
-            ExperimentSweep.run,
-            request,
-            id=sweep_workflow_id(request.workspace_id, request.job_id),
-            task_queue=self.task_queue,
-            # A workflow task held by a killed worker is retried elsewhere after this.
-            task_timeout=timedelta(seconds=2),
-        )
-
-    async def runs(self) -> list[ExperimentRun]:
-        engine = create_store_engine(self.store_url)
-        try:
-            async with session_factory(engine)() as session:
-                rows = await session.scalars(
-                    sa.select(ExperimentRun).where(ExperimentRun.job_id == self.job_id)
-                )
-                return list(rows)
-        finally:
-            await engine.dispose()
-
-    async def job_status(self) -> str:
-        engine = create_store_engine(self.store_url)
-        try:
-            async with session_factory(engine)() as session:
-                job = await repo.get_job(session, self.workspace_id, self.job_id)
-                return job.status
-        finally:
-            await engine.dispose()
-
-
-@asynccontextmanager
-async def sweep_stack(store_url: str) -> AsyncIterator[Stack]:
-    engine = create_store_engine(store_url)
-    sessions = session_factory(engine)
-    async with sessions.begin() as session:
-        workspace = await repo.create_workspace(session, f"ws-{uuid.uuid4().hex[:8]}", "Desk")
-        job = await repo.create_job(session, workspace.id, "es-sweep", "e" * 64)
-    try:
-        async with await WorkflowEnvironment.start_local(
-            dev_server_existing_path=str(TEMPORAL),
-            dev_server_extra_args=[
-                "--dynamic-config-value",
-                "frontend.enableServerVersionCheck=false",
-            ],
-        ) as env:
-            yield Stack(
-                env,
-                SweepActivities(sessions),
-                store_url,
-                f"sweep-test-{uuid.uuid4().hex}",
-                workspace.id,
-                job.id,
-            )
-    finally:
-        await engine.dispose()
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.05)
-
-
-def test_sweep_records_every_point_once(roots: Roots, store_url: str) -> None:
+def test_sweep_records_every_point_once(sweep_roots: Roots, sweep_store_url: str) -> None:
     async def scenario() -> None:
-        async with sweep_stack(store_url) as stack, stack.worker():
+        async with sweep_stack(sweep_store_url) as stack, stack.worker():
             # Four chunks, two per run: the sweep continues as new once.
             request = replace(
-                stack.request("es_small", roots),
+                stack.request("es_small", sweep_roots),
                 chunk_points=4,
                 max_concurrent_chunks=2,
                 chunks_per_run=2,
@@ -224,10 +65,10 @@ def test_sweep_records_every_point_once(roots: Roots, store_url: str) -> None:
 
         # The same points, the same metrics as the in-process experiment run.
         in_process = experiment_run.run_experiment(
-            roots.configs / request.source.experiment,
-            lake_root=roots.lake,
-            configs_root=roots.configs,
-            data_root=roots.data,
+            sweep_roots.configs / request.source.experiment,
+            lake_root=sweep_roots.lake,
+            configs_root=sweep_roots.configs,
+            data_root=sweep_roots.data,
         )
         by_hash = {r.point_hash: r.metrics for r in runs}
         for row in in_process.leaderboard:
@@ -243,11 +84,11 @@ def test_sweep_records_every_point_once(roots: Roots, store_url: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["signal", "temporal_cancel"])
-def test_cancel_keeps_finished_points(roots: Roots, store_url: str, how: str) -> None:
+def test_cancel_keeps_finished_points(sweep_roots: Roots, sweep_store_url: str, how: str) -> None:
     async def scenario() -> None:
-        async with sweep_stack(store_url) as stack, stack.worker():
+        async with sweep_stack(sweep_store_url) as stack, stack.worker():
             request = replace(
-                stack.request("es_small", roots),
+                stack.request("es_small", sweep_roots),
                 chunk_points=2,
                 max_concurrent_chunks=2,
                 heartbeat_timeout_seconds=1.0,
@@ -284,9 +125,11 @@ def test_cancel_keeps_finished_points(roots: Roots, store_url: str, how: str) ->
     asyncio.run(scenario())
 
 
-def test_sweep_resumes_after_worker_is_killed(roots: Roots, store_url: str, tmp_path: Path) -> None:
+def test_sweep_resumes_after_worker_is_killed(
+    sweep_roots: Roots, sweep_store_url: str, tmp_path: Path
+) -> None:
     async def scenario() -> None:
-        async with sweep_stack(store_url) as stack:
+        async with sweep_stack(sweep_store_url) as stack:
             log = (tmp_path / "worker.log").open("w")
             process = subprocess.Popen(
                 [
@@ -298,7 +141,7 @@ def test_sweep_resumes_after_worker_is_killed(roots: Roots, store_url: str, tmp_
                     "--task-queue",
                     stack.task_queue,
                     "--database-url",
-                    store_url,
+                    sweep_store_url,
                     "--sticky-schedule-to-start-seconds",
                     "1",
                 ],
@@ -308,7 +151,7 @@ def test_sweep_resumes_after_worker_is_killed(roots: Roots, store_url: str, tmp_
             )
             try:
                 request = replace(
-                    stack.request("es_small", roots),
+                    stack.request("es_small", sweep_roots),
                     chunk_points=8,
                     max_concurrent_chunks=2,
                     heartbeat_timeout_seconds=1.0,
@@ -340,10 +183,14 @@ def test_sweep_resumes_after_worker_is_killed(roots: Roots, store_url: str, tmp_
     asyncio.run(scenario())
 
 
-def test_failing_point_records_its_error_and_the_rest_finish(roots: Roots, store_url: str) -> None:
+def test_failing_point_records_its_error_and_the_rest_finish(
+    sweep_roots: Roots, sweep_store_url: str
+) -> None:
     async def scenario() -> None:
-        async with sweep_stack(store_url) as stack, stack.worker():
-            handle = await stack.start(replace(stack.request("es_failing", roots), chunk_points=3))
+        async with sweep_stack(sweep_store_url) as stack, stack.worker():
+            handle = await stack.start(
+                replace(stack.request("es_failing", sweep_roots), chunk_points=3)
+            )
             outcome = await handle.result()
             progress = await handle.query(ExperimentSweep.progress)
             runs = await stack.runs()

@@ -18,6 +18,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.sweep import SweepActivities
+from activities.sweep_tracking import TrackingTarget
 from qmachina.settings import SettingsError, load_settings
 from qmachina.store.database import create_store_engine, session_factory
 from workflows.experiment_sweep import TASK_QUEUE, ExperimentSweep
@@ -39,7 +40,12 @@ def sweep_worker(
         client,
         task_queue=task_queue,
         workflows=[ExperimentSweep],
-        activities=[activities.plan_sweep, activities.evaluate_chunk, activities.finish_sweep],
+        activities=[
+            activities.plan_sweep,
+            activities.evaluate_chunk,
+            activities.track_sweep,
+            activities.finish_sweep,
+        ],
         sticky_queue_schedule_to_start_timeout=sticky_schedule_to_start,
     )
 
@@ -50,6 +56,7 @@ async def run_worker(
     task_queue: str,
     database_url: str,
     sticky_schedule_to_start: timedelta,
+    tracking: TrackingTarget | None,
 ) -> None:
     """Serve ``task_queue`` until SIGINT or SIGTERM, then shut down gracefully."""
     client = await Client.connect(address, namespace=namespace)
@@ -61,7 +68,7 @@ async def run_worker(
     try:
         worker = sweep_worker(
             client,
-            SweepActivities(session_factory(engine)),
+            SweepActivities(session_factory(engine), tracking),
             task_queue=task_queue,
             sticky_schedule_to_start=sticky_schedule_to_start,
         )
@@ -84,7 +91,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--database-url", default=settings.database_url, help="the control-plane store"
     )
     parser.add_argument("--sticky-schedule-to-start-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--mlflow-tracking-uri",
+        default=settings.mlflow_tracking_uri,
+        help="where sweeps are logged (default: the settings' MLFLOW_TRACKING_URI)",
+    )
+    parser.add_argument("--no-tracking", action="store_true", help="do not log sweeps to MLflow")
     args = parser.parse_args(argv)
+    tracking = (
+        None
+        if args.no_tracking
+        else TrackingTarget(args.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    )
     asyncio.run(
         run_worker(
             args.address,
@@ -92,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.task_queue,
             args.database_url,
             timedelta(seconds=args.sticky_schedule_to_start_seconds),
+            tracking,
         )
     )
 

@@ -6,7 +6,9 @@ chunk records its points in the store itself (idempotent per point hash) and hea
 progress, so a chunk retried after a worker loss resumes where it stopped. A ``cancel`` signal or
 a Temporal cancellation stops scheduling, cancels the running chunks and ends the job
 ``canceled`` with the finished points kept. After ``chunks_per_run`` chunks the workflow
-continues as new, carrying the plan and the set of finished chunks forward.
+continues as new, carrying the plan and the set of finished chunks forward. At the end, whatever
+the outcome, ``track_sweep`` logs the recorded points to MLflow and ``finish_sweep`` ends the job.
+The ``progress`` query reports done/total, the best point so far and an ETA.
 
 This module holds the workflow and its input/output types; the activities import both, and the
 workflow knows the activities only by name.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 from temporalio import workflow
@@ -26,7 +28,10 @@ from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_
 TASK_QUEUE = "experiment-sweep"
 PLAN_SWEEP = "plan_sweep"
 EVALUATE_CHUNK = "evaluate_chunk"
+TRACK_SWEEP = "track_sweep"
 FINISH_SWEEP = "finish_sweep"
+JOB_KIND = "experiment_sweep"
+TRACKING_PATCH = "track-sweep-in-mlflow"
 
 SweepState = Literal["planning", "running", "canceling", "succeeded", "failed", "canceled"]
 FinalState = Literal["succeeded", "failed", "canceled"]
@@ -64,6 +69,16 @@ class SweepPlan:
     points_digest: str
     chunks: list[ChunkBounds]
     max_concurrent_chunks: int
+    objective: str = ""
+    """The metric the leaderboard ranks by, on the training span."""
+
+
+@dataclass(frozen=True)
+class BestPoint:
+    """The best point so far by the objective on the training span."""
+
+    point_hash: str
+    objective_value: float
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,8 @@ class SweepCheckpoint:
     chunks_done: list[int]
     points_done: int
     points_failed: int
+    best: BestPoint | None = None
+    started_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,8 @@ class ChunkRequest:
     points_digest: str
     """The plan's digest: a chunk refuses to run if the spec now expands differently."""
     point_delay_seconds: float = 0.0
+    points_total: int = 0
+    objective: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,6 +139,26 @@ class ChunkResult:
     chunk_index: int
     points_done: int
     points_failed: int
+    best: BestPoint | None = None
+    """The chunk's best succeeded point, if it has one with a finite objective."""
+
+
+@dataclass(frozen=True)
+class TrackRequest:
+    workspace_id: str
+    job_id: str
+    source: ExperimentSource
+    state: FinalState
+    sweep_key: str
+    """The workflow id: a retried tracking finds the MLflow parent run it already created."""
+
+
+@dataclass(frozen=True)
+class TrackResult:
+    """The MLflow parent run, or why the sweep was not tracked."""
+
+    parent_run_id: str | None
+    skipped_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +167,7 @@ class FinishRequest:
     job_id: str
     state: FinalState
     error: str | None = None
+    tracking_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +188,26 @@ class SweepProgress:
     chunks_total: int
     chunks_done: int
     chunks_in_flight: int
+    objective: str = ""
+    best: BestPoint | None = None
+    elapsed_seconds: float = 0.0
+    """Since the first chunk started (workflow time, across continue-as-new)."""
+    eta_seconds: float | None = None
+    """Remaining points at the pace so far; None until a point is done."""
+
+
+def better(current: BestPoint | None, candidate: BestPoint | None) -> BestPoint | None:
+    """The better of two best points: the higher objective, ties to the smaller point hash."""
+    if candidate is None:
+        return current
+    if current is None:
+        return candidate
+    if (candidate.objective_value, current.point_hash) > (
+        current.objective_value,
+        candidate.point_hash,
+    ):
+        return candidate
+    return current
 
 
 def _cause(error: BaseException) -> BaseException:
@@ -158,6 +218,7 @@ def _cause(error: BaseException) -> BaseException:
 
 
 PLAN_RETRY = RetryPolicy(maximum_attempts=3)
+TRACK_RETRY = RetryPolicy(maximum_attempts=3)
 CHUNK_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     maximum_interval=timedelta(seconds=30),
@@ -178,6 +239,9 @@ class ExperimentSweep:
         self._in_flight: dict[int, workflow.ActivityHandle[ChunkResult]] = {}
         self._cancel_requested = False
         self._chunk_error: str | None = None
+        self._best: BestPoint | None = None
+        self._started_at: datetime | None = None
+        self._points_at_start = 0
 
     @workflow.run
     async def run(self, request: SweepRequest) -> SweepOutcome:
@@ -193,35 +257,51 @@ class ExperimentSweep:
             # canceled and the workflow reports itself canceled.
             self._request_cancel()
             await self._drain()
-            await self._finish(request, "canceled")
+            await self._track_and_finish(request, "canceled")
             raise
         if self._cancel_requested:
-            return await self._finish(request, "canceled")
+            return await self._track_and_finish(request, "canceled")
         if self._chunk_error is not None:
-            await self._finish(request, "failed", self._chunk_error)
+            await self._track_and_finish(request, "failed", self._chunk_error)
             raise ApplicationError(self._chunk_error, non_retryable=True)
         if len(self._chunks_done) < len(plan.chunks):
             workflow.continue_as_new(
                 replace(
                     request,
                     checkpoint=SweepCheckpoint(
-                        plan, sorted(self._chunks_done), self._points_done, self._points_failed
+                        plan,
+                        sorted(self._chunks_done),
+                        self._points_done,
+                        self._points_failed,
+                        self._best,
+                        self._started_at,
                     ),
                 )
             )
-        return await self._finish(request, "succeeded")
+        return await self._track_and_finish(request, "succeeded")
 
     @workflow.query
     def progress(self) -> SweepProgress:
         plan = self._plan
+        points_total = plan.points_total if plan else 0
+        elapsed = 0.0
+        eta: float | None = None
+        if self._started_at is not None:
+            elapsed = (workflow.now() - self._started_at).total_seconds()
+            if self._points_done > 0:
+                eta = elapsed / self._points_done * (points_total - self._points_done)
         return SweepProgress(
             state=self._state,
-            points_total=plan.points_total if plan else 0,
+            points_total=points_total,
             points_done=self._points_done,
             points_failed=self._points_failed,
             chunks_total=len(plan.chunks) if plan else 0,
             chunks_done=len(self._chunks_done),
             chunks_in_flight=len(self._in_flight),
+            objective=plan.objective if plan else "",
+            best=self._best,
+            elapsed_seconds=elapsed,
+            eta_seconds=eta,
         )
 
     @workflow.signal
@@ -235,6 +315,8 @@ class ExperimentSweep:
             self._chunks_done = set(checkpoint.chunks_done)
             self._points_done = checkpoint.points_done
             self._points_failed = checkpoint.points_failed
+            self._best = checkpoint.best
+            self._started_at = checkpoint.started_at
             plan = checkpoint.plan
         else:
             plan = await workflow.execute_activity(
@@ -257,6 +339,8 @@ class ExperimentSweep:
         return plan
 
     async def _fan_out(self, request: SweepRequest, plan: SweepPlan) -> None:
+        if self._started_at is None:
+            self._started_at = workflow.now()
         started = 0
         for index, bounds in enumerate(plan.chunks):
             if index in self._chunks_done:
@@ -290,6 +374,8 @@ class ExperimentSweep:
                 bounds,
                 plan.points_digest,
                 request.point_delay_seconds,
+                plan.points_total,
+                plan.objective,
             ),
             result_type=ChunkResult,
             start_to_close_timeout=timedelta(hours=4),
@@ -312,6 +398,7 @@ class ExperimentSweep:
             self._chunks_done.add(index)
             self._points_done += result.points_done
             self._points_failed += result.points_failed
+            self._best = better(self._best, result.best)
         elif not self._cancel_requested:
             self._chunk_error = f"chunk {index} failed: {_cause(error)}"
 
@@ -324,12 +411,42 @@ class ExperimentSweep:
     async def _drain(self) -> None:
         await workflow.wait_condition(lambda: not self._in_flight)
 
-    async def _finish(
+    async def _track_and_finish(
         self, request: SweepRequest, state: FinalState, error: str | None = None
+    ) -> SweepOutcome:
+        """Log the sweep to MLflow (whatever its state: partial results are kept), then end the
+        job. A tracking failure is reported on the job; it does not change the job's state."""
+        tracking_error: str | None = None
+        if workflow.patched(TRACKING_PATCH):
+            try:
+                await workflow.execute_activity(
+                    TRACK_SWEEP,
+                    TrackRequest(
+                        request.workspace_id,
+                        request.job_id,
+                        request.source,
+                        state,
+                        workflow.info().workflow_id,
+                    ),
+                    result_type=TrackResult,
+                    start_to_close_timeout=timedelta(hours=1),
+                    heartbeat_timeout=timedelta(seconds=request.heartbeat_timeout_seconds),
+                    retry_policy=TRACK_RETRY,
+                )
+            except ActivityError as err:
+                tracking_error = f"MLflow tracking failed: {_cause(err)}"
+        return await self._finish(request, state, error, tracking_error)
+
+    async def _finish(
+        self,
+        request: SweepRequest,
+        state: FinalState,
+        error: str | None = None,
+        tracking_error: str | None = None,
     ) -> SweepOutcome:
         outcome: SweepOutcome = await workflow.execute_activity(
             FINISH_SWEEP,
-            FinishRequest(request.workspace_id, request.job_id, state, error),
+            FinishRequest(request.workspace_id, request.job_id, state, error, tracking_error),
             result_type=SweepOutcome,
             start_to_close_timeout=timedelta(minutes=1),
         )
