@@ -25,15 +25,15 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import Heartbeat, last_heartbeat
+from activities.lake_frames import LakeFrames
 from activities.sweep_tracking import TrackingTarget, leaderboard_of, log_sweep
 from engine.evaluation import metrics_of
 from engine.gold.graph import GoldGraph
-from engine.gold.runtime import GoldFrame, run_gold
 from engine.signals.builtin import load_builtin_signals
 from engine.signals.registry import SignalInputs, get_signal
 from engine.silver_frame import SilverFrame
 from engine.sweep_core import ScoreRequest, SweepPoint, expand_points, run_sweep_core, score_key
-from qmachina.experiment_run import silver_frame_of, sweep_space
+from qmachina.experiment_run import sweep_space
 from qmachina.silver_build import MANIFEST_FILE, build_silver
 from qmachina.specs.errors import SpecError
 from qmachina.specs.experiment import ExperimentSpec
@@ -158,15 +158,13 @@ def _failure(error: BaseException) -> PointOutcome:
 
 @dataclass
 class ChunkEvaluator:
-    """Evaluates a chunk's points with shared work: one dataset's silver and gold held at a time,
-    each score computed once for all the points sharing it."""
+    """Evaluates a chunk's points with shared work: silver and gold from the worker's
+    :class:`LakeFrames`, each score computed once for all the points sharing it."""
 
     sweep: LoadedSweep
     points: Sequence[SweepPoint]
+    frames: LakeFrames
     _outcomes: dict[str, PointOutcome] = field(default_factory=dict)
-    _dataset: str | None = None
-    _frame: SilverFrame | None = None
-    _gold: GoldFrame | None = None
 
     def outcome(self, point: SweepPoint) -> PointOutcome:
         if point.point_hash not in self._outcomes:
@@ -206,19 +204,13 @@ class ChunkEvaluator:
         }
 
     def _load_frame(self, dataset: str) -> SilverFrame:
-        if self._dataset != dataset or self._frame is None:
-            self._frame = None
-            self._gold = None  # one dataset's silver and gold at a time
-            self._frame = silver_frame_of(self.sweep.pipeline(dataset), self.sweep.lake_root)
-            self._dataset = dataset
-        return self._frame
+        return self.frames.silver(self.sweep.pipeline(dataset), self.sweep.lake_root)
 
     def _score(self, frame: SilverFrame, request: ScoreRequest) -> np.ndarray:
-        if self._gold is None:
-            self._gold = run_gold(self.sweep.gold_graph, frame)
+        gold = self.frames.gold(self.sweep.spec_hashes["gold"], self.sweep.gold_graph, frame)
         inputs = SignalInputs(
             frame=frame,
-            gold=self._gold.outputs,
+            gold=gold.outputs,
             tp_ticks=request.tp_ticks,
             sl_ticks=request.sl_ticks,
             max_hold_bins=request.max_hold_bins,
@@ -256,6 +248,7 @@ class SweepActivities:
     def __init__(self, sessions: Sessions, tracking: TrackingTarget | None = None) -> None:
         self._sessions = sessions
         self._tracking = tracking
+        self._frames = LakeFrames()
 
     @activity.defn(name=PLAN_SWEEP)
     async def plan_sweep(self, request: PlanRequest) -> SweepPlan:
@@ -311,7 +304,9 @@ class SweepActivities:
         progress = last_heartbeat(ChunkProgress) or ChunkProgress(0, 0)
         remaining = points[progress.points_done :]
         recorded = await self._recorded_runs(request, remaining)
-        evaluator = ChunkEvaluator(sweep, [p for p in remaining if p.point_hash not in recorded])
+        evaluator = ChunkEvaluator(
+            sweep, [p for p in remaining if p.point_hash not in recorded], self._frames
+        )
         objective = request.objective or sweep.experiment.objective
         last_event = time.monotonic()
         async with Heartbeat(progress) as heartbeat:
