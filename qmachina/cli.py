@@ -15,6 +15,7 @@ from rich.table import Table
 from engine.replay import ReplayError
 from engine.signals.registry import SignalError
 from engine.synthetic import write_synthetic_dbn
+from qmachina import stack_cli
 from qmachina.book_report import BookReportError, replay_book_lines
 from qmachina.experiment_run import run_experiment
 from qmachina.gold_cli import app as gold_app
@@ -26,6 +27,7 @@ from qmachina.specs.pipeline import (
     resolve_pipeline,
     with_dataset_files,
 )
+from qmachina.sweep_cli import app as sweep_app
 from qmachina.validate_configs import validate_configs
 
 app = typer.Typer(help="qMachina: event-level market-microstructure research and serving.")
@@ -38,6 +40,11 @@ app.add_typer(silver_app, name="silver")
 app.add_typer(config_app, name="config")
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(gold_app, name="gold")
+app.add_typer(sweep_app, name="sweep")
+app.add_typer(stack_cli.db_app, name="db")
+app.command("up")(stack_cli.up)
+app.command("down")(stack_cli.down)
+app.command("status")(stack_cli.status)
 
 err = Console(stderr=True)
 out = Console()
