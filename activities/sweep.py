@@ -43,7 +43,7 @@ from qmachina.specs.pipeline import ResolvedPipeline, resolve_pipeline
 from qmachina.specs.serving import ServingSpec
 from qmachina.specs.yaml_loader import load_spec
 from qmachina.store import repository as repo
-from qmachina.store.models import ExperimentRun, utc_now
+from qmachina.store.models import ExperimentRun, JobEvent, utc_now
 from qmachina.tracking import silver_ref
 from workflows.experiment_sweep import (
     EVALUATE_CHUNK,
@@ -68,6 +68,10 @@ Sessions = async_sessionmaker[AsyncSession]
 
 PROGRESS_EVENT_INTERVAL_SECONDS = 1.0
 """A chunk appends a ``progress`` job event at most this often, and once when it ends."""
+RECORD_BATCH_POINTS = 100
+RECORD_BATCH_SECONDS = 0.5
+"""A chunk commits its evaluated points (and heartbeats) every this many points or seconds,
+whichever comes first: one transaction per batch instead of one per point."""
 
 
 @dataclass(frozen=True)
@@ -308,35 +312,32 @@ class SweepActivities:
             sweep, [p for p in remaining if p.point_hash not in recorded], self._frames
         )
         objective = request.objective or sweep.experiment.objective
-        last_event = time.monotonic()
+        pending: list[tuple[SweepPoint, PointOutcome, bool]] = []  # (point, outcome, new)
+        last_flush = last_event = time.monotonic()
         async with Heartbeat(progress) as heartbeat:
-            for point in remaining:
+            for index, point in enumerate(remaining):
                 run = recorded.get(point.point_hash)
                 if run is None:
                     if request.point_delay_seconds > 0:
                         await asyncio.sleep(request.point_delay_seconds)
-                    outcome = await asyncio.to_thread(evaluator.outcome, point)
-                    status = "failed" if outcome.failed else "succeeded"
-                    await self._record(request, sweep, point, outcome, status)
+                    pending.append((point, await asyncio.to_thread(evaluator.outcome, point), True))
                 else:  # an earlier attempt recorded it after its last heartbeat
                     outcome = PointOutcome(run.metrics, failed=run.status == "failed")
-                    status = run.status
-                value = objective_value(outcome, objective)
-                done = heartbeat.details
-                heartbeat.report(
-                    ChunkProgress(
-                        done.points_done + 1,
-                        done.points_failed + (status == "failed"),
-                        better(
-                            done.best,
-                            None if value is None else BestPoint(point.point_hash, value),
-                        ),
-                    )
-                )
-                if time.monotonic() - last_event >= PROGRESS_EVENT_INTERVAL_SECONDS:
-                    await self._progress_event(request, objective)
-                    last_event = time.monotonic()
-        await self._progress_event(request, objective)
+                    pending.append((point, outcome, False))
+                last = index == len(remaining) - 1
+                if (
+                    last
+                    or len(pending) >= RECORD_BATCH_POINTS
+                    or time.monotonic() - last_flush >= RECORD_BATCH_SECONDS
+                ):
+                    await self._record_batch(request, sweep, pending, objective, heartbeat)
+                    pending = []
+                    last_flush = time.monotonic()
+                    if last or last_flush - last_event >= PROGRESS_EVENT_INTERVAL_SECONDS:
+                        await self._progress_event(request, objective)
+                        last_event = time.monotonic()
+            if not remaining:
+                await self._progress_event(request, objective)
         done = heartbeat.details
         return ChunkResult(request.chunk_index, done.points_done, done.points_failed, done.best)
 
@@ -406,7 +407,8 @@ class SweepActivities:
 
     @activity.defn(name=FINISH_SWEEP)
     async def finish_sweep(self, request: FinishRequest) -> SweepOutcome:
-        """Move the job to its final state (once) and count its recorded runs."""
+        """Move the job to its final state (once) and count its recorded runs; with a
+        ``tracking_error`` (the job already final), report that MLflow tracking failed."""
         workspace_id, job_id = request.workspace_id, request.job_id
         async with self._sessions.begin() as session:
             job = await repo.get_job(session, workspace_id, job_id)
@@ -422,13 +424,26 @@ class SweepActivities:
                     workspace_id,
                     job_id,
                     "sweep_finished",
-                    {
-                        "state": request.state,
-                        **counts,
-                        "error": request.error,
-                        "tracking_error": request.tracking_error,
-                    },
+                    {"state": request.state, **counts, "error": request.error},
                 )
+            if request.tracking_error is not None:
+                reported = await session.scalar(
+                    sa.select(sa.func.count())
+                    .select_from(JobEvent)
+                    .where(
+                        JobEvent.workspace_id == workspace_id,
+                        JobEvent.job_id == job_id,
+                        JobEvent.kind == "tracking_failed",
+                    )
+                )
+                if not reported:  # once, across retries
+                    await repo.append_job_event(
+                        session,
+                        workspace_id,
+                        job_id,
+                        "tracking_failed",
+                        {"error": request.tracking_error},
+                    )
         return SweepOutcome(
             request.state,
             points_recorded=counts["succeeded"] + counts["failed"],
@@ -485,25 +500,47 @@ class SweepActivities:
                 },
             )
 
-    async def _record(
+    async def _record_batch(
         self,
         request: ChunkRequest,
         sweep: LoadedSweep,
-        point: SweepPoint,
-        outcome: PointOutcome,
-        status: str,
+        batch: Sequence[tuple[SweepPoint, PointOutcome, bool]],
+        objective: str,
+        heartbeat: Heartbeat[ChunkProgress],
     ) -> None:
-        async with self._sessions.begin() as session:
-            await repo.record_run(
-                session,
-                request.workspace_id,
-                request.job_id,
+        """Record the batch's new points in one transaction, then heartbeat the progress they
+        make: a heartbeat never claims a point that is not committed."""
+        records = [
+            repo.RunRecord(
                 point.point_hash,
-                params=point_params(point),
-                metrics=outcome.metrics,
-                status=status,
-                spec_hashes=sweep.spec_hashes,
+                point_params(point),
+                outcome.metrics,
+                "failed" if outcome.failed else "succeeded",
             )
+            for point, outcome, new in batch
+            if new
+        ]
+        if records:
+            async with self._sessions.begin() as session:
+                await repo.record_runs(
+                    session,
+                    request.workspace_id,
+                    request.job_id,
+                    records,
+                    spec_hashes=sweep.spec_hashes,
+                )
+        done = heartbeat.details
+        best = done.best
+        for point, outcome, _ in batch:
+            value = objective_value(outcome, objective)
+            best = better(best, None if value is None else BestPoint(point.point_hash, value))
+        heartbeat.report(
+            ChunkProgress(
+                done.points_done + len(batch),
+                done.points_failed + sum(outcome.failed for _, outcome, _ in batch),
+                best,
+            )
+        )
 
 
 async def _run_counts(session: AsyncSession, workspace_id: str, job_id: str) -> dict[str, int]:

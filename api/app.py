@@ -13,7 +13,8 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from api.dependencies import AppState
-from api.routes import health
+from api.problems import install_problem_handlers
+from api.routes import experiment_jobs, experiments, health
 from qmachina.settings import Settings, load_settings
 from qmachina.store.database import create_store_engine, session_factory
 
@@ -40,5 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Event-level market-microstructure research and serving",
         lifespan=lifespan,
     )
+    install_problem_handlers(app)
     app.include_router(health.router)
+    app.include_router(experiment_jobs.router)
+    app.include_router(experiments.router)
     return app

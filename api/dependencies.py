@@ -1,4 +1,5 @@
-"""What routes depend on: the process's settings, Temporal client and store sessions."""
+"""What routes depend on: the process's settings, Temporal client and store sessions, and the
+workspace a request names."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
+from api.workspaces import find_workspace
 from qmachina.settings import Settings
+from qmachina.store.models import Workspace
+
+Sessions = async_sessionmaker[AsyncSession]
 
 
 @dataclass(frozen=True)
@@ -19,7 +24,7 @@ class AppState:
 
     settings: Settings
     temporal: Client
-    sessions: async_sessionmaker[AsyncSession]
+    sessions: Sessions
 
 
 def app_state(request: Request) -> AppState:
@@ -35,5 +40,17 @@ async def store_session(
         yield session
 
 
+async def current_workspace(
+    state: Annotated[AppState, Depends(app_state)],
+    workspace: Annotated[
+        str, Query(min_length=1, max_length=64, description="The workspace's slug")
+    ] = "default",
+) -> Workspace:
+    """The workspace named by ``?workspace=``; a 404 when there is none. It holds no session
+    open, so a long response (an event stream) keeps no transaction."""
+    return await find_workspace(state.sessions, workspace)
+
+
 State = Annotated[AppState, Depends(app_state)]
 StoreSession = Annotated[AsyncSession, Depends(store_session)]
+CurrentWorkspace = Annotated[Workspace, Depends(current_workspace)]

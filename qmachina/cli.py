@@ -15,7 +15,7 @@ from rich.table import Table
 from engine.replay import ReplayError
 from engine.signals.registry import SignalError
 from engine.synthetic import write_synthetic_dbn
-from qmachina import stack_cli
+from qmachina import local_stack, stack_cli, sweep_cli
 from qmachina.book_report import BookReportError, replay_book_lines
 from qmachina.experiment_run import run_experiment
 from qmachina.gold_cli import app as gold_app
@@ -27,7 +27,6 @@ from qmachina.specs.pipeline import (
     resolve_pipeline,
     with_dataset_files,
 )
-from qmachina.sweep_cli import app as sweep_app
 from qmachina.validate_configs import validate_configs
 
 app = typer.Typer(help="qMachina: event-level market-microstructure research and serving.")
@@ -40,7 +39,7 @@ app.add_typer(silver_app, name="silver")
 app.add_typer(config_app, name="config")
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(gold_app, name="gold")
-app.add_typer(sweep_app, name="sweep")
+app.add_typer(sweep_cli.app, name="sweep")
 app.add_typer(stack_cli.db_app, name="db")
 app.command("up")(stack_cli.up)
 app.command("down")(stack_cli.down)
@@ -53,6 +52,7 @@ DEFAULT_LAKE = Path("data/lake")
 DEFAULT_CONFIGS = default_configs_root()
 DEFAULT_PIPELINE = DEFAULT_CONFIGS / "pipelines" / "es_default.yaml"
 DEFAULT_EXPERIMENT = DEFAULT_CONFIGS / "experiments" / "es_derivative_sweep.yaml"
+DEMO_OBJECTIVE = "total_pnl_ticks"  # the shipped experiment's objective
 
 
 def _fail(message: str) -> typer.Exit:
@@ -273,16 +273,37 @@ def synth(
 
 @app.command()
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Lake directory.")] = DEFAULT_LAKE,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for each stack component.")
+    ] = local_stack.DEFAULT_TIMEOUT_S,
 ) -> None:
-    """The main job: build silver from the real ES sample, then run the shipped sweep on it."""
+    """The main job, end to end: start the local stack, build silver from the real ES sample,
+    submit the shipped sweep through the API, follow it, print its leaderboard, and leave the
+    stack running (`qmachina down` stops it)."""
+    settings = stack_cli.settings_or_fail()
+    stack = stack_cli.start_stack(settings, timeout)
     try:
         resolved = resolve_pipeline(DEFAULT_PIPELINE)
-        result = _build_with_progress(resolved, out_dir)
+        result = _build_with_progress(resolved, settings.lake_dir)
     except (SpecError, ReplayError) as exc:
         raise _fail(str(exc)) from None
     _print_summary(result)
-    experiment_run(DEFAULT_EXPERIMENT, lake=out_dir, top=10, as_json=False)
+    experiment = DEFAULT_EXPERIMENT.relative_to(DEFAULT_CONFIGS).as_posix()
+    with sweep_cli.api_client(local_stack.api_url(settings)) as client:
+        try:
+            job = sweep_cli.submit_job(client, {"workspace": "default", "experiment": experiment})
+            out.print(f"submitted {experiment} as job {job['id']} (workflow {job['workflow_id']})")
+            exit_code = sweep_cli.watch_job(client, job["id"], "default")
+            page = sweep_cli.runs_page(
+                client, job["id"], "default", sort=f"train.{DEMO_OBJECTIVE}", top=10
+            )
+        except sweep_cli.ApiError as error:
+            raise _fail(str(error)) from None
+    out.print(sweep_cli.runs_table(page))
+    out.print("ranked on the training span (first 60 %); test columns are the later 40 %")
+    out.print("[bold green]the stack keeps running[/] (`qmachina down` stops it):")
+    stack_cli.print_endpoints(stack)
+    raise typer.Exit(exit_code)
 
 
 if __name__ == "__main__":

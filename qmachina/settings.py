@@ -71,6 +71,12 @@ class Settings(BaseSettings):
         default=None, validation_alias=_standard_name("OPENFGA_API_URL")
     )
     """An OpenFGA server; None: the in-process evaluator of the same model decides."""
+    configs_dir: Path | None = None
+    """The specs the API validates and the workers load; None: the ``configs/`` that ships
+    with qMachina."""
+    sample_data_dir: Path | None = None
+    """Where pipelines' dataset files are found; None: ``../shared/data/databento`` next to
+    the checkout."""
 
     @property
     def temporal_target(self) -> str:

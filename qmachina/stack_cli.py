@@ -34,7 +34,7 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _settings() -> Settings:
+def settings_or_fail() -> Settings:
     try:
         return load_settings()
     except SettingsError as error:
@@ -49,15 +49,8 @@ def _on_spinner(spinner: Status) -> Progress:
     return lambda message: spinner.update(Text(message))
 
 
-def up(
-    timeout: Annotated[
-        float, typer.Option(min=1, help="Seconds to wait for each component to become healthy.")
-    ] = local_stack.DEFAULT_TIMEOUT_S,
-) -> None:
-    """Start the local stack (Temporal dev server, worker, API), wait until each is healthy and
-    print where to reach it. With TEMPORAL_ADDRESS set, use that cluster instead of a dev
-    server."""
-    settings = _settings()
+def start_stack(settings: Settings, timeout: float) -> local_stack.UpResult:
+    """``up`` with a spinner; errors become ``error:`` lines and exit code 2."""
     try:
         with err.status("starting the local stack") as spinner:
             result = local_stack.up(settings, _on_spinner(spinner), timeout)
@@ -68,19 +61,36 @@ def up(
         raise typer.Exit(code=130) from None
     for note in result.notes:
         _show(note)
-    if result.already_running:
-        headline = f"qMachina is already running (started {result.started_at:%Y-%m-%d %H:%M:%S %Z})"
-    else:
-        headline = f"qMachina is up ({result.seconds:.1f} s)"
-    out.print(Text(headline, style="bold green"))
+    return result
+
+
+def print_endpoints(result: local_stack.UpResult) -> None:
+    """Where the stack answers, one label and URL per line."""
     width = max(len(label) for label in result.endpoints)
     for label, value in result.endpoints.items():
         out.print(Text.assemble((f"  {label:<{width}}  ", "bold"), value))
 
 
+def up(
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for each component to become healthy.")
+    ] = local_stack.DEFAULT_TIMEOUT_S,
+) -> None:
+    """Start the local stack (Temporal dev server, worker, API), wait until each is healthy and
+    print where to reach it. With TEMPORAL_ADDRESS set, use that cluster instead of a dev
+    server."""
+    result = start_stack(settings_or_fail(), timeout)
+    if result.already_running:
+        headline = f"qMachina is already running (started {result.started_at:%Y-%m-%d %H:%M:%S %Z})"
+    else:
+        headline = f"qMachina is up ({result.seconds:.1f} s)"
+    out.print(Text(headline, style="bold green"))
+    print_endpoints(result)
+
+
 def down() -> None:
     """Stop the local stack: the API, then the worker, then the Temporal dev server."""
-    settings = _settings()
+    settings = settings_or_fail()
     try:
         with err.status("stopping the local stack") as spinner:
             lines = local_stack.down(settings, _on_spinner(spinner))
@@ -102,7 +112,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the components as JSON.")] = False,
 ) -> None:
     """Report each component of the local stack; exit 0 when all are healthy, 1 otherwise."""
-    settings = _settings()
+    settings = settings_or_fail()
     try:
         components = local_stack.status(settings)
     except StackError as error:
@@ -146,7 +156,7 @@ def status(
 def db_upgrade() -> None:
     """Migrate the configured store (QMACHINA_DATABASE_URL) to head and make sure the default
     workspace exists; `qmachina up` does the same before it starts anything."""
-    settings = _settings()
+    settings = settings_or_fail()
     try:
         with err.status("migrating the store"):
             workspace_id = local_stack.upgrade_store(settings)

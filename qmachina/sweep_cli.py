@@ -18,6 +18,7 @@ import httpx
 import typer
 import yaml
 from httpx_sse import SSEError, connect_sse
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -27,6 +28,17 @@ from qmachina.specs.pipeline import default_configs_root
 from qmachina.specs.yaml_loader import load_yaml_document
 
 JOBS_PATH = "/v1/jobs/experiments"
+EVAL_PARAMS = ("threshold", "tp_ticks", "sl_ticks", "cooldown_bins")
+SHORT_NAMES = {
+    "total_pnl_ticks": "pnl",
+    "mean_pnl_ticks": "mean pnl",
+    "hit_rate": "hit",
+    "signals": "trades",
+    "threshold": "thr",
+    "tp_ticks": "tp",
+    "sl_ticks": "sl",
+    "cooldown_bins": "cool",
+}
 TERMINAL_STATES = ("succeeded", "failed", "canceled")
 RECONNECT_DELAYS_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -112,8 +124,42 @@ def _request(
     return response.json()
 
 
+def api_client(base_url: str) -> httpx.Client:
+    """A client of the API at ``base_url``; streams are read without a timeout."""
+    return httpx.Client(base_url=base_url, timeout=httpx.Timeout(30.0, read=None))
+
+
 def _client(api: str | None) -> httpx.Client:
-    return httpx.Client(base_url=api_base_url(api), timeout=httpx.Timeout(30.0, read=None))
+    return api_client(api_base_url(api))
+
+
+def submit_job(
+    client: httpx.Client, body: Mapping[str, Any], spec_file: Path | None = None
+) -> dict[str, Any]:
+    """POST the submission; the API's problems (422: every bad field) raise :class:`ApiError`,
+    located in ``spec_file`` when the spec was sent inline from it."""
+    job: dict[str, Any] = _request(client, "POST", JOBS_PATH, json=body, spec_file=spec_file)
+    return job
+
+
+def runs_page(
+    client: httpx.Client,
+    job_id: str,
+    workspace: str,
+    *,
+    sort: str,
+    top: int,
+    ascending: bool = False,
+) -> dict[str, Any]:
+    """The first ``top`` runs of the job by ``sort`` (``train.<metric>`` / ``test.<metric>``)."""
+    params = {
+        "workspace": workspace,
+        "sort": sort,
+        "order": "asc" if ascending else "desc",
+        "limit": top,
+    }
+    page: dict[str, Any] = _request(client, "GET", f"{JOBS_PATH}/{job_id}/runs", params=params)
+    return page
 
 
 def submission_of(
@@ -160,13 +206,13 @@ def submit(
     inline = experiment if "spec" in body else None
     with _client(api) as client:
         try:
-            job = _request(client, "POST", JOBS_PATH, json=body, spec_file=inline)
+            job = submit_job(client, body, inline)
         except ApiError as error:
             raise _fail(str(error)) from None
         out.print(f"submitted job [bold]{job['id']}[/] ({job['name']}) in workspace {workspace}")
         out.print(f"  workflow {job['workflow_id']}, spec {job['spec_hash'][:12]}")
         if watch_progress:
-            raise typer.Exit(_watch(client, job["id"], workspace))
+            raise typer.Exit(watch_job(client, job["id"], workspace))
         out.print(f"  follow it: qmachina sweep watch {job['id']}")
 
 
@@ -227,7 +273,7 @@ def watch(
 ) -> None:
     """Follow a sweep to its end with a live progress bar; exit 0 only if it succeeded."""
     with _client(api) as client:
-        raise typer.Exit(_watch(client, job_id, workspace))
+        raise typer.Exit(watch_job(client, job_id, workspace))
 
 
 @app.command("runs")
@@ -242,38 +288,51 @@ def runs(
     api: ApiOption = None,
 ) -> None:
     """The job's runs, sorted by a metric."""
-    params = {
-        "workspace": workspace,
-        "sort": sort,
-        "order": "asc" if ascending else "desc",
-        "limit": top,
-    }
     with _client(api) as client:
         try:
-            page = _request(client, "GET", f"{JOBS_PATH}/{job_id}/runs", params=params)
+            page = runs_page(client, job_id, workspace, sort=sort, top=top, ascending=ascending)
         except ApiError as error:
             raise _fail(str(error)) from None
     out.print(runs_table(page))
 
 
+def _shown_params(run: Mapping[str, Any]) -> dict[str, Any]:
+    params = run["params"]
+    shown = dict(params.get("signal_params", {}))
+    shown.update({k: params[k] for k in EVAL_PARAMS if k in params})
+    return shown
+
+
 def runs_table(page: Mapping[str, Any]) -> Table:
-    """A page of runs as a table: the point, its signal parameters and its metrics."""
-    table = Table(title=f"{page['total']} runs by {page['sort']} ({page['order']})")
-    for column in ("#", "point", "params", "test pnl", "test hit", "test signals", page["sort"]):
-        table.add_column(column, overflow="fold")
-    for rank, run in enumerate(page["runs"], start=1 + page["offset"]):
-        params = run["params"]
+    """A page of runs: the point, the parameters that differ between its rows, the sorted-by
+    metric and the test-span results."""
+    rows = [_shown_params(run) for run in page["runs"]]
+    varying = [
+        name
+        for name in dict.fromkeys(name for row in rows for name in row)
+        if len({repr(row.get(name)) for row in rows}) > 1
+    ]
+    span, _, metric = str(page["sort"]).partition(".")
+    table = Table(
+        title=f"{page['total']} runs by {page['sort']} ({page['order']})", box=box.SIMPLE_HEAD
+    )
+    table.add_column("#", justify="right")
+    table.add_column("point", no_wrap=True)
+    for name in varying:
+        table.add_column(SHORT_NAMES.get(name, name), justify="right")
+    table.add_column(f"{span} {SHORT_NAMES.get(metric, metric)}", justify="right")
+    for column in ("test pnl", "test hit", "test trades"):
+        table.add_column(column, justify="right")
+    for rank, (run, shown) in enumerate(zip(page["runs"], rows, strict=True), 1 + page["offset"]):
         test = run["metrics"].get("test", {})
-        shown = {**params.get("signal_params", {})}
-        shown.update({k: params[k] for k in ("threshold", "tp_ticks", "sl_ticks") if k in params})
         table.add_row(
             str(rank),
-            run["point_hash"][:10],
-            " ".join(f"{k}={v}" for k, v in shown.items()),
+            run["point_hash"][:8],
+            *(_number(shown.get(name)) for name in varying),
+            _number(run["value"]),
             _number(test.get("total_pnl_ticks")),
             _number(test.get("hit_rate")),
             _number(test.get("signals")),
-            _number(run["value"]),
         )
     return table
 
@@ -294,11 +353,11 @@ def _duration(seconds: float | None) -> str:
 
 
 def job_events(
-    client: httpx.Client, job_id: str, workspace: str
+    client: httpx.Client, job_id: str, workspace: str, *, after: int = 0
 ) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """The job's events ``(seq, kind, payload)`` to the end of its stream, reconnecting from the
-    last seen event when the connection drops."""
-    last_seen = 0
+    """The job's events ``(seq, kind, payload)`` after ``after`` to the end of its stream,
+    reconnecting from the last seen event when the connection drops."""
+    last_seen = after
     failures = 0
     url = f"{JOBS_PATH}/{job_id}/events"
     while True:
@@ -315,6 +374,8 @@ def job_events(
                     raise ApiError("\n".join(_problem_lines(source.response, None)))
                 for event in source.iter_sse():
                     failures = 0
+                    if not event.data:  # a keep-alive comment, not a job event
+                        continue
                     last_seen = int(event.id)
                     yield last_seen, event.event, json.loads(event.data)
             return
@@ -325,8 +386,8 @@ def job_events(
             failures += 1
 
 
-def _watch(client: httpx.Client, job_id: str, workspace: str) -> int:
-    """Show the job's progress until it ends; the exit code: 0 succeeded, 1 otherwise."""
+def watch_job(client: httpx.Client, job_id: str, workspace: str) -> int:
+    """Show the job's progress until it ends; returns the exit code: 0 succeeded, 1 otherwise."""
     final: dict[str, Any] = {}
     columns = (
         TextColumn("[bold]{task.description}"),

@@ -133,7 +133,7 @@ class _Validator:
                 issues.append(document.issue(("signal", "params"), str(exc)))
         return issues
 
-    def experiment(self, path: Path) -> None:
+    def experiment(self, path: Path) -> ExperimentSpec:
         document = load_yaml_document(path)
         spec = validate_document(document, ExperimentSpec)
         serving_path = self.referenced(document, ("serving",), spec.serving)
@@ -156,6 +156,7 @@ class _Validator:
                     issues.append(issue)
         if issues:
             raise SpecError(issues)
+        return spec
 
 
 def _param_issue(
@@ -210,6 +211,17 @@ def validate_configs(
                 report.issues.extend(exc.issues)
         report.deprecations += [f"{path}: {w.message}" for w in caught]
     return report
+
+
+def validate_experiment(
+    path: Path, *, root: Path | None = None, data_root: Path | None = None
+) -> ExperimentSpec:
+    """Validate one experiment spec wherever it lives, its references resolved under ``root``:
+    the checks ``qmachina config validate`` runs on a file under ``experiments/`` (the model, the
+    referenced serving spec and pipelines, every swept signal parameter). Raises
+    :class:`SpecError` listing every problem found."""
+    configs = root or default_configs_root()
+    return _Validator(configs, data_root or default_data_root()).experiment(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from qmachina.store.database import (
     session_factory,
     upgrade_to_head,
 )
-from qmachina.store.models import Base, ExperimentJob, JobEvent
+from qmachina.store.models import Base, ExperimentJob, JobEvent, Workspace
 
 PG_SERVER = os.environ.get("QMACHINA_TEST_POSTGRES", "postgres@127.0.0.1:5432")
 PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
@@ -358,6 +359,80 @@ def test_record_run_is_idempotent_and_keeps_the_latest_result(store_url: str) ->
     run_with_sessions(store_url, scenario)
 
 
+def test_record_runs_in_bulk_matches_one_at_a_time_and_is_idempotent(store_url: str) -> None:
+    async def scenario(sessions: Sessions) -> None:
+        ws, _ = await _two_workspaces(sessions)
+        bulk_job = await _job(sessions, ws, "bulk")
+        single_job = await _job(sessions, ws, "single")
+        hashes = {"experiment": SPEC_HASH}
+        records = [
+            repo.RunRecord(
+                f"{index:064x}",
+                {"threshold": index / 10},
+                {"train": {"pnl": float(index)}, "test": {"pnl": None}},
+                "failed" if index % 7 == 0 else "succeeded",
+            )
+            for index in range(1, 1201)  # more rows than one statement carries
+        ]
+        async with sessions.begin() as session:
+            assert (
+                await repo.record_runs(session, ws, bulk_job, records, spec_hashes=hashes) == 1200
+            )
+            for record in records[:50]:
+                await repo.record_run(
+                    session,
+                    ws,
+                    single_job,
+                    record.point_hash,
+                    params=record.params,
+                    metrics=record.metrics,
+                    status=record.status,
+                    spec_hashes=hashes,
+                )
+        async with sessions() as session:
+            first = {
+                r.point_hash: r
+                for r in await repo.list_runs(session, ws, bulk_job, order_by="train.pnl")
+            }
+            single = await repo.list_runs(session, ws, single_job, order_by="train.pnl")
+        assert len(first) == 1200
+        for run in single:
+            bulk = first[run.point_hash]
+            assert (bulk.params, bulk.metrics, bulk.status, bulk.spec_hashes) == (
+                run.params,
+                run.metrics,
+                run.status,
+                run.spec_hashes,
+            )
+
+        # Again, with a changed result for one point: the same rows, the latest result.
+        changed = [*records[:-1], replace(records[-1], metrics={"train": {"pnl": -1.0}})]
+        async with sessions.begin() as session:
+            await repo.record_runs(session, ws, bulk_job, changed, spec_hashes=hashes)
+        async with sessions() as session:
+            again = {
+                r.point_hash: r
+                for r in await repo.list_runs(session, ws, bulk_job, order_by="train.pnl")
+            }
+        assert {h: (r.id, r.created_at) for h, r in again.items()} == {
+            h: (r.id, r.created_at) for h, r in first.items()
+        }
+        assert again[records[-1].point_hash].metrics == {"train": {"pnl": -1.0}}
+
+        # One bad record refuses the whole batch before anything is written.
+        poisoned = [
+            repo.RunRecord("c" * 64, {}, {"train": {"pnl": 1.0}}, "succeeded"),
+            repo.RunRecord("d" * 64, {}, {"train": {"pnl": float("inf")}}, "succeeded"),
+        ]
+        async with sessions() as session:
+            with pytest.raises(repo.NonFiniteMetricError, match=r"metric train\.pnl is inf"):
+                await repo.record_runs(session, ws, bulk_job, poisoned, spec_hashes=hashes)
+        async with sessions() as session:
+            assert len(await repo.list_runs(session, ws, bulk_job, order_by="train.pnl")) == 1200
+
+    run_with_sessions(store_url, scenario)
+
+
 def test_list_runs_orders_numerically_by_a_metric(store_url: str) -> None:
     async def scenario(sessions: Sessions) -> None:
         ws, _ = await _two_workspaces(sessions)
@@ -387,6 +462,96 @@ def test_list_runs_orders_numerically_by_a_metric(store_url: str) -> None:
         assert [r.params["name"] for r in best] == ["p2", "p1", "p3", "p4"]
         assert [r.params["name"] for r in worst_two] == ["p3", "p1"]
         assert [r.params["name"] for r in flat] == ["p2"]
+
+    run_with_sessions(store_url, scenario)
+
+
+def test_runs_filter_page_and_count_by_job(store_url: str) -> None:
+    async def scenario(sessions: Sessions) -> None:
+        ws, other_ws = await _two_workspaces(sessions)
+        job = await _job(sessions, ws)
+        quiet_job = await _job(sessions, ws, "quiet")
+        results = {"p1": 9.5, "p2": 10.0, "p3": -3.25, "p4": None}
+        async with sessions.begin() as session:
+            for name, sharpe in results.items():
+                await repo.record_run(
+                    session,
+                    ws,
+                    job,
+                    name.ljust(64, "0"),
+                    params={"name": name},
+                    metrics={"test": {} if sharpe is None else {"sharpe": sharpe}},
+                    status="succeeded" if sharpe is not None else "failed",
+                    spec_hashes={},
+                )
+
+        async with sessions() as session:
+            kept = await repo.list_runs(
+                session, ws, job, order_by="test.sharpe", status="succeeded", min_value=0.0
+            )
+            second = await repo.list_runs(
+                session,
+                ws,
+                job,
+                order_by="test.sharpe",
+                limit=1,
+                offset=1,
+                status="succeeded",
+                min_value=0.0,
+            )
+            total = await repo.count_runs(
+                session, ws, job, metric="test.sharpe", status="succeeded", min_value=0.0
+            )
+            failed = await repo.count_runs(session, ws, job, metric="test.sharpe", status="failed")
+            counts = await repo.run_counts(session, ws, [job, quiet_job])
+            elsewhere = await repo.run_counts(session, other_ws, [job])
+            run = await repo.get_run(session, ws, job, "p3".ljust(64, "0"))
+            with pytest.raises(repo.RunNotFoundError, match=f"not found in job {job}"):
+                await repo.get_run(session, ws, job, "p9".ljust(64, "0"))
+            with pytest.raises(repo.RunNotFoundError):
+                await repo.get_run(session, other_ws, job, "p3".ljust(64, "0"))
+        assert [r.params["name"] for r in kept] == ["p2", "p1"]
+        assert [r.params["name"] for r in second] == ["p1"]
+        assert (total, failed) == (2, 1)
+        assert counts == {
+            job: {"succeeded": 3, "failed": 1},
+            quiet_job: {"succeeded": 0, "failed": 0},
+        }
+        assert elsewhere == {job: {"succeeded": 0, "failed": 0}}
+        assert run.metrics == {"test": {"sharpe": -3.25}}
+
+    run_with_sessions(store_url, scenario)
+
+
+def test_a_queued_job_can_fail_before_it_starts(store_url: str) -> None:
+    async def scenario(sessions: Sessions) -> None:
+        ws, _ = await _two_workspaces(sessions)
+        job = await _job(sessions, ws)
+        async with sessions.begin() as session:
+            failed = await repo.set_job_status(session, ws, job, "failed", error="no workflow")
+        assert (failed.status, failed.error, failed.started_at) == ("failed", "no workflow", None)
+        assert failed.finished_at is not None
+
+    run_with_sessions(store_url, scenario)
+
+
+def test_workspace_chunk_limit(store_url: str) -> None:
+    async def scenario(sessions: Sessions) -> None:
+        ws, _ = await _two_workspaces(sessions)
+        async with sessions.begin() as session:
+            limited = await repo.set_workspace_chunk_limit(session, ws, 3)
+        assert limited.max_concurrent_chunks == 3
+        async with sessions.begin() as session:
+            with pytest.raises(repo.StoreError, match="must be positive, got 0"):
+                await repo.set_workspace_chunk_limit(session, ws, 0)
+            unbounded = await repo.set_workspace_chunk_limit(session, ws, None)
+        assert unbounded.max_concurrent_chunks is None
+        # The database itself refuses a bound that is not positive.
+        async with sessions() as session:
+            with pytest.raises(sa.exc.IntegrityError):
+                await session.execute(
+                    sa.update(Workspace).where(Workspace.id == ws).values(max_concurrent_chunks=0)
+                )
 
     run_with_sessions(store_url, scenario)
 

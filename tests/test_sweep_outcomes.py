@@ -102,7 +102,9 @@ def test_a_tracked_sweep_logs_every_point_its_leaderboard_and_its_silver_to_mlfl
             handle = await stack.start(stack.request("es_failing", sweep_roots))
             outcome = await handle.result()
             assert outcome == SweepOutcome("succeeded", points_recorded=8, points_failed=4)
-            events = {e.kind: e.payload for e in await stack.events()}
+            ordered = await stack.events()
+            assert [e.kind for e in ordered][-2:] == ["sweep_finished", "tracked"]
+            events = {e.kind: e.payload for e in ordered}
             return handle.id, await stack.runs(), events, await stack.artifacts()
 
     workflow_id, runs, events, artifacts = asyncio.run(scenario())
@@ -147,6 +149,29 @@ def test_a_tracked_sweep_logs_every_point_its_leaderboard_and_its_silver_to_mlfl
     assert [(a.kind, a.uri, a.sha256) for a in artifacts] == [
         ("silver", refs[0]["path"], refs[0]["sha256"])
     ]
+
+
+def test_a_tracking_failure_is_reported_and_leaves_the_job_succeeded(
+    sweep_roots: Roots, sweep_store_url: str, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the tracking store's directory should be")
+    tracking = TrackingTarget(f"sqlite:///{blocked / 'mlflow.sqlite3'}", tmp_path / "artifacts")
+
+    async def scenario() -> None:
+        async with sweep_stack(sweep_store_url, tracking) as stack, stack.worker():
+            handle = await stack.start(stack.request("es_small", sweep_roots))
+            outcome = await handle.result()
+            events = await stack.events()
+            assert await stack.job_status() == "succeeded"
+
+        assert outcome == SweepOutcome("succeeded", points_recorded=16, points_failed=0)
+        kinds = [e.kind for e in events]
+        assert kinds[-2:] == ["sweep_finished", "tracking_failed"]
+        assert kinds.count("tracking_failed") == 1
+        assert "MLflow tracking failed" in events[-1].payload["error"]
+
+    asyncio.run(scenario())
 
 
 def test_a_chunk_that_exhausts_its_retries_fails_the_job_and_keeps_finished_points(

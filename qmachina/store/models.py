@@ -99,10 +99,19 @@ class Workspace(Base):
     """A tenant: every other row belongs to exactly one workspace."""
 
     __tablename__ = "workspace"
+    __table_args__ = (
+        sa.CheckConstraint(
+            "max_concurrent_chunks IS NULL OR max_concurrent_chunks > 0",
+            name="max_concurrent_chunks_positive",
+        ),
+    )
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
     slug: Mapped[str] = mapped_column(sa.String(64), unique=True)
     name: Mapped[str] = mapped_column(sa.String(200))
+    max_concurrent_chunks: Mapped[int | None]
+    """At most this many chunks of one of the workspace's sweeps run at once; None: no bound
+    beyond the sweep's own."""
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(default=utc_now, onupdate=utc_now)
 

@@ -8,7 +8,8 @@ the transaction, which is how an audit row commits or rolls back with the change
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,6 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from qmachina.store.models import (
+    RUN_STATUSES,
     AuditEvent,
     ExperimentJob,
     ExperimentRun,
@@ -28,8 +30,9 @@ from qmachina.store.models import (
 )
 
 JOB_TRANSITIONS: Mapping[str, frozenset[str]] = {
-    # A queued job may be canceled before any worker picks it up.
-    "queued": frozenset({"running", "canceled"}),
+    # A queued job may be canceled before any worker picks it up, or fail when its workflow
+    # cannot be started.
+    "queued": frozenset({"running", "failed", "canceled"}),
     "running": frozenset({"succeeded", "failed", "canceled"}),
     "succeeded": frozenset(),
     "failed": frozenset(),
@@ -63,6 +66,18 @@ class InvalidJobTransitionError(StoreError):
         self.job_id = job_id
         self.current = current
         self.requested = requested
+
+
+class RunNotFoundError(StoreError):
+    """No run of this point in this job of this workspace."""
+
+    def __init__(self, workspace_id: str, job_id: str, point_hash: str) -> None:
+        super().__init__(
+            f"experiment run {point_hash} not found in job {job_id} of workspace {workspace_id}"
+        )
+        self.workspace_id = workspace_id
+        self.job_id = job_id
+        self.point_hash = point_hash
 
 
 class NonFiniteMetricError(StoreError):
@@ -132,14 +147,36 @@ async def get_job(
     return job
 
 
-async def list_jobs(session: AsyncSession, workspace_id: str) -> list[ExperimentJob]:
+async def list_jobs(
+    session: AsyncSession, workspace_id: str, *, limit: int | None = None, offset: int = 0
+) -> list[ExperimentJob]:
     """The workspace's jobs, newest first."""
     rows = await session.scalars(
         sa.select(ExperimentJob)
         .where(ExperimentJob.workspace_id == workspace_id)
         .order_by(ExperimentJob.created_at.desc(), ExperimentJob.id)
+        .limit(limit)
+        .offset(offset)
     )
     return list(rows)
+
+
+async def run_counts(
+    session: AsyncSession, workspace_id: str, job_ids: Sequence[str]
+) -> dict[str, dict[str, int]]:
+    """Recorded runs per job and status: ``{job_id: {"succeeded": n, "failed": m}}``, every
+    given job present (with zeros when it has no runs)."""
+    counts = {job_id: dict.fromkeys(RUN_STATUSES, 0) for job_id in job_ids}
+    if not counts:
+        return counts
+    rows = await session.execute(
+        sa.select(ExperimentRun.job_id, ExperimentRun.status, sa.func.count())
+        .where(ExperimentRun.workspace_id == workspace_id, ExperimentRun.job_id.in_(counts))
+        .group_by(ExperimentRun.job_id, ExperimentRun.status)
+    )
+    for job_id, status, count in rows:
+        counts[job_id][status] = count
+    return counts
 
 
 async def set_job_status(
@@ -252,7 +289,7 @@ def _check_finite(point_hash: str, metrics: Mapping[str, Any], prefix: str = "")
             raise NonFiniteMetricError(point_hash, path, value)
 
 
-def _upsert_run(dialect_name: str, values: dict[str, Any]) -> sa.Insert:
+def _upsert_run(dialect_name: str, values: dict[str, Any] | list[dict[str, Any]]) -> sa.Insert:
     """``INSERT ... ON CONFLICT (job_id, point_hash) DO UPDATE`` in the backend's dialect."""
     replaced = ("params", "metrics", "status", "spec_hashes", "updated_at")
     key = ["job_id", "point_hash"]
@@ -312,6 +349,81 @@ async def record_run(
     return run
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """One sweep point's result, for :func:`record_runs`."""
+
+    point_hash: str
+    params: Mapping[str, Any]
+    metrics: Mapping[str, Any]
+    status: str
+
+
+RECORD_RUNS_ROWS_PER_STATEMENT = 500
+"""Keeps a statement's bound parameters (10 per row) far below SQLite's and asyncpg's limits."""
+
+
+async def record_runs(
+    session: AsyncSession,
+    workspace_id: str,
+    job_id: str,
+    records: Sequence[RunRecord],
+    *,
+    spec_hashes: Mapping[str, str],
+) -> int:
+    """Record many sweep points with multi-row upserts: the same rows and the same idempotence
+    per ``(job_id, point_hash)`` as :func:`record_run` once per point, in a fraction of the
+    round trips. Every record is checked before anything is written. Returns the count."""
+    for record in records:
+        _check_finite(record.point_hash, record.metrics)
+    await get_job(session, workspace_id, job_id)
+    now = utc_now()
+    rows = [
+        {
+            "id": new_id(),
+            "workspace_id": workspace_id,
+            "job_id": job_id,
+            "point_hash": record.point_hash,
+            "params": dict(record.params),
+            "metrics": dict(record.metrics),
+            "status": record.status,
+            "spec_hashes": dict(spec_hashes),
+            "created_at": now,
+            "updated_at": now,
+        }
+        for record in records
+    ]
+    dialect = session.get_bind().dialect.name
+    for start in range(0, len(rows), RECORD_RUNS_ROWS_PER_STATEMENT):
+        await session.execute(
+            _upsert_run(dialect, rows[start : start + RECORD_RUNS_ROWS_PER_STATEMENT])
+        )
+    return len(rows)
+
+
+def metric_value(metric: str) -> sa.ColumnElement[float]:
+    """A run's metric as a number (NULL when the run has none): ``metric`` is a metric name or
+    a dotted path into nested metrics (``"test.total_pnl_ticks"``)."""
+    path: str | tuple[str, ...] = tuple(metric.split(".")) if "." in metric else metric
+    value: sa.ColumnElement[float] = ExperimentRun.metrics[path].as_float()
+    return value
+
+
+def _runs_where(
+    workspace_id: str,
+    job_id: str,
+    metric: sa.ColumnElement[float],
+    status: str | None,
+    min_value: float | None,
+) -> list[sa.ColumnElement[bool]]:
+    conditions = [ExperimentRun.workspace_id == workspace_id, ExperimentRun.job_id == job_id]
+    if status is not None:
+        conditions.append(ExperimentRun.status == status)
+    if min_value is not None:
+        conditions.append(metric >= min_value)
+    return conditions
+
+
 async def list_runs(
     session: AsyncSession,
     workspace_id: str,
@@ -320,21 +432,59 @@ async def list_runs(
     order_by: str,
     descending: bool = True,
     limit: int | None = None,
+    offset: int = 0,
+    status: str | None = None,
+    min_value: float | None = None,
 ) -> list[ExperimentRun]:
-    """The job's runs ordered numerically by a metric; runs without it come last.
+    """The job's runs ordered numerically by a metric; runs without it come last, ties by
+    point hash.
 
     ``order_by`` is a metric name, or a dotted path into nested metrics (``"test.sharpe"``).
+    ``status`` keeps the runs with that status; ``min_value`` those whose metric is at least it.
     """
-    path: str | tuple[str, ...] = tuple(order_by.split(".")) if "." in order_by else order_by
-    metric = ExperimentRun.metrics[path].as_float()
+    metric = metric_value(order_by)
     direction = metric.desc() if descending else metric.asc()
     query = (
         sa.select(ExperimentRun)
-        .where(ExperimentRun.workspace_id == workspace_id, ExperimentRun.job_id == job_id)
+        .where(*_runs_where(workspace_id, job_id, metric, status, min_value))
         .order_by(direction.nulls_last(), ExperimentRun.point_hash)
         .limit(limit)
+        .offset(offset)
     )
     return list(await session.scalars(query))
+
+
+async def count_runs(
+    session: AsyncSession,
+    workspace_id: str,
+    job_id: str,
+    *,
+    metric: str,
+    status: str | None = None,
+    min_value: float | None = None,
+) -> int:
+    """How many runs :func:`list_runs` finds with the same filters, before paging."""
+    conditions = _runs_where(workspace_id, job_id, metric_value(metric), status, min_value)
+    count = await session.scalar(
+        sa.select(sa.func.count()).select_from(ExperimentRun).where(*conditions)
+    )
+    return count or 0
+
+
+async def get_run(
+    session: AsyncSession, workspace_id: str, job_id: str, point_hash: str
+) -> ExperimentRun:
+    """The run of a point, or :class:`RunNotFoundError` if the job has no such run."""
+    run = await session.scalar(
+        sa.select(ExperimentRun).where(
+            ExperimentRun.workspace_id == workspace_id,
+            ExperimentRun.job_id == job_id,
+            ExperimentRun.point_hash == point_hash,
+        )
+    )
+    if run is None:
+        raise RunNotFoundError(workspace_id, job_id, point_hash)
+    return run
 
 
 async def write_audit(
@@ -376,6 +526,23 @@ async def workspace_by_slug(session: AsyncSession, slug: str) -> Workspace | Non
         sa.select(Workspace).where(Workspace.slug == slug)
     )
     return found
+
+
+async def set_workspace_chunk_limit(
+    session: AsyncSession, workspace_id: str, max_concurrent_chunks: int | None
+) -> Workspace:
+    """Bound how many chunks of one of the workspace's sweeps run at once (None: unbounded)."""
+    if max_concurrent_chunks is not None and max_concurrent_chunks <= 0:
+        raise StoreError(
+            f"workspace {workspace_id}: max_concurrent_chunks must be positive, "
+            f"got {max_concurrent_chunks}"
+        )
+    workspace = await session.scalar(sa.select(Workspace).where(Workspace.id == workspace_id))
+    if workspace is None:
+        raise StoreError(f"workspace {workspace_id} not found")
+    workspace.max_concurrent_chunks = max_concurrent_chunks
+    await session.flush()
+    return workspace
 
 
 async def ensure_workspace(session: AsyncSession, slug: str, name: str) -> Workspace:

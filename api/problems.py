@@ -1,0 +1,117 @@
+"""Every error the API answers has one body, :class:`Problem`, declared in the OpenAPI document.
+
+Services raise domain errors (an unknown workspace, job or run, a rejected spec, a finished job,
+an unreachable Temporal); the handlers installed by :func:`install_problem_handlers` turn each
+into its status code and a ``Problem``. Request validation errors become a ``Problem`` too, each
+field named in ``issues``, so a client reads one shape for every 422.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from qmachina.specs.errors import format_field_path
+from qmachina.store.repository import JobNotFoundError, RunNotFoundError
+
+
+class Issue(BaseModel):
+    """One problem with one field of a request or of a spec file it names."""
+
+    field: str = Field(
+        description="The field: a request body field (`chunk_points`, `spec.eval.tp_ticks[0]`), "
+        "a query or header parameter (`query.limit`), or a field of `file`"
+    )
+    message: str
+    file: str | None = Field(
+        default=None,
+        description="The spec file holding the problem, relative to the configs root; "
+        "null for the request itself and for an inline `spec`",
+    )
+    line: int | None = Field(default=None, description="1-based line in `file`")
+
+
+class Problem(BaseModel):
+    """The body of every error response."""
+
+    detail: str
+    issues: list[Issue] = Field(default_factory=list)
+
+
+class WorkspaceNotFoundError(LookupError):
+    """No workspace has this slug."""
+
+    def __init__(self, slug: str) -> None:
+        super().__init__(f"workspace {slug!r} not found")
+        self.slug = slug
+
+
+class SpecRejectedError(ValueError):
+    """The submitted experiment spec is invalid; nothing was started."""
+
+    def __init__(self, issues: Sequence[Issue]) -> None:
+        super().__init__(f"the experiment spec is invalid ({len(issues)} problems)")
+        self.issues = list(issues)
+
+
+class JobFinishedError(RuntimeError):
+    """The job is already terminal; it cannot be canceled."""
+
+    def __init__(self, job_id: str, job_status: str) -> None:
+        super().__init__(f"experiment job {job_id} is already {job_status}")
+        self.job_id = job_id
+        self.status = job_status
+
+
+class TemporalUnavailableError(RuntimeError):
+    """Temporal refused or could not be reached; the message says what failed."""
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` entries declaring a :class:`Problem` body for each status code."""
+    return {code: {"model": Problem} for code in codes}
+
+
+def _issue_of(detail: Any) -> Issue:
+    location = [part for part in detail["loc"] if isinstance(part, str | int)]
+    if location[:1] == ["body"]:
+        location = location[1:]
+    field = format_field_path(location) or "body"
+    context = detail.get("ctx") or {}
+    message = str(context["error"]) if "error" in context else str(detail["msg"])
+    return Issue(field=field, message=message)
+
+
+STATUS_OF: dict[type[Exception], int] = {
+    RequestValidationError: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    SpecRejectedError: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    WorkspaceNotFoundError: status.HTTP_404_NOT_FOUND,
+    JobNotFoundError: status.HTTP_404_NOT_FOUND,
+    RunNotFoundError: status.HTTP_404_NOT_FOUND,
+    JobFinishedError: status.HTTP_409_CONFLICT,
+    TemporalUnavailableError: status.HTTP_503_SERVICE_UNAVAILABLE,
+}
+
+
+async def _answer(request: Request, error: Exception) -> JSONResponse:
+    code = next(STATUS_OF[kind] for kind in type(error).__mro__ if kind in STATUS_OF)
+    if isinstance(error, RequestValidationError):
+        body = Problem(
+            detail="invalid request", issues=[_issue_of(detail) for detail in error.errors()]
+        )
+    elif isinstance(error, SpecRejectedError):
+        body = Problem(detail=str(error), issues=error.issues)
+    else:
+        body = Problem(detail=str(error))
+    return JSONResponse(body.model_dump(mode="json"), status_code=code)
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Answer every domain error and invalid request with a :class:`Problem`."""
+    for kind in STATUS_OF:
+        app.add_exception_handler(kind, _answer)
