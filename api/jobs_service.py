@@ -32,16 +32,18 @@ from qmachina.specs.errors import SpecError, SpecIssue
 from qmachina.specs.pipeline import default_configs_root, default_data_root
 from qmachina.store import repository as repo
 from qmachina.store.models import ExperimentJob, ExperimentRun, JobEvent, Workspace
+from qmachina.temporal_names import (
+    SWEEP_JOB_KIND,
+    SWEEP_TASK_QUEUE,
+    job_search_attributes,
+    sweep_workflow_id,
+)
 from workflows.experiment_sweep import (
-    JOB_KIND,
-    TASK_QUEUE,
     ExperimentSource,
     ExperimentSweep,
     SweepProgress,
     SweepRequest,
-    sweep_workflow_id,
 )
-from workflows.search_attributes import job_search_attributes
 
 ACTOR = "anonymous"
 """Who every change is audited as until authentication lands."""
@@ -204,8 +206,10 @@ async def submit_experiment(state: AppState, submission: ExperimentSubmission) -
             ExperimentSweep.run,
             request,
             id=sweep_workflow_id(workspace.id, job.id),
-            task_queue=TASK_QUEUE,
-            search_attributes=job_search_attributes(workspace.id, JOB_KIND, accepted.spec_hash),
+            task_queue=SWEEP_TASK_QUEUE,
+            search_attributes=job_search_attributes(
+                workspace.id, SWEEP_JOB_KIND, accepted.spec_hash
+            ),
         )
     except RPCError as error:
         message = f"the sweep's workflow could not be started: {error}"

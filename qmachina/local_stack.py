@@ -10,8 +10,7 @@ group, its output in ``<data_dir>/logs/<name>.log``. What runs is recorded in
 Every child gets the settings ``up`` resolved pinned in its environment, so the three processes
 agree on the store, Temporal and MLflow whatever the calling shell changes afterwards.
 
-This module launches the worker and the API, so it imports the workflows' task queue and search
-attributes: it sits above them in the dependency order, like the worker does.
+It knows the worker and the API only as commands and the names in :mod:`qmachina.temporal_names`.
 """
 
 from __future__ import annotations
@@ -46,8 +45,11 @@ from temporalio.service import RPCError
 
 from qmachina.settings import SETTINGS_FILE_VARIABLE, Settings, variable_names
 from qmachina.store.bootstrap import bootstrap_store
-from workflows.experiment_sweep import TASK_QUEUE
-from workflows.search_attributes import QMACHINA_SEARCH_ATTRIBUTES, dev_server_flags
+from qmachina.temporal_names import (
+    QMACHINA_SEARCH_ATTRIBUTES,
+    SWEEP_TASK_QUEUE,
+    dev_server_flags,
+)
 
 TEMPORAL = "temporal"
 WORKER = "worker"
@@ -250,7 +252,7 @@ def _state(settings: Settings, started_at: datetime, processes: list[StackProces
         namespace=settings.temporal_namespace,
         temporal_ui_url=_temporal_ui_url(settings),
         api_url=api_url(settings),
-        task_queue=TASK_QUEUE,
+        task_queue=SWEEP_TASK_QUEUE,
         ports=_ports(settings),
         endpoints=endpoints(settings),
         processes=processes,
@@ -820,12 +822,12 @@ async def _up(
             api = record(_start(API, _api_command(settings), env, paths))
 
             async def worker_probe() -> str | None:
-                return await _worker_problem(client, namespace, TASK_QUEUE, worker.record.pid)
+                return await _worker_problem(client, namespace, SWEEP_TASK_QUEUE, worker.record.pid)
 
-            progress(f"waiting for the worker (pid {worker.record.pid}) to poll {TASK_QUEUE}")
+            progress(f"waiting for the worker (pid {worker.record.pid}) to poll {SWEEP_TASK_QUEUE}")
             await _wait_healthy(
                 worker,
-                f"a poller of the worker on task queue {TASK_QUEUE}",
+                f"a poller of the worker on task queue {SWEEP_TASK_QUEUE}",
                 worker_probe,
                 started,
                 timeout,

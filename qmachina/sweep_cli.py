@@ -43,7 +43,7 @@ TERMINAL_STATES = ("succeeded", "failed", "canceled")
 RECONNECT_DELAYS_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 app = typer.Typer(help="Run experiment sweeps on the stack (see `qmachina up`).")
-out = Console()
+out = Console(soft_wrap=True, highlight=False)  # ids and URLs are copied from here
 
 ApiOption = Annotated[
     str | None,

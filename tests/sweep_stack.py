@@ -29,6 +29,7 @@ from qmachina.specs.pipeline import resolve_pipeline
 from qmachina.store import repository as repo
 from qmachina.store.database import create_store_engine, session_factory
 from qmachina.store.models import ExperimentRun, JobArtifact, JobEvent
+from qmachina.temporal_names import QMACHINA_SEARCH_ATTRIBUTES, sweep_workflow_id
 from tests.es_grid import SMALL_EXPERIMENT, es_session_configs
 from worker.main import sweep_worker
 from workflows.experiment_sweep import (
@@ -36,9 +37,7 @@ from workflows.experiment_sweep import (
     ExperimentSweep,
     SweepOutcome,
     SweepRequest,
-    sweep_workflow_id,
 )
-from workflows.search_attributes import QMACHINA_SEARCH_ATTRIBUTES
 
 TEMPORAL = Path(sys.executable).parent / "temporal"
 

@@ -37,11 +37,17 @@ from qmachina.store import repository as repo
 from qmachina.store.bootstrap import bootstrap_store
 from qmachina.store.database import create_store_engine, default_sqlite_url, session_factory
 from qmachina.store.models import AuditEvent, ExperimentJob, ExperimentRun
+from qmachina.temporal_names import (
+    JOB_KIND_ATTRIBUTE,
+    QMACHINA_SEARCH_ATTRIBUTES,
+    SPEC_HASH_ATTRIBUTE,
+    WORKSPACE_ATTRIBUTE,
+    sweep_workflow_id,
+)
 from tests.es_grid import SMALL_EXPERIMENT
 from tests.sweep_stack import FAILING_EXPERIMENT, TEMPORAL, Roots
 from worker.main import sweep_worker
-from workflows.experiment_sweep import SweepRequest, sweep_workflow_id
-from workflows.search_attributes import JOB_KIND, QMACHINA_SEARCH_ATTRIBUTES, SPEC_HASH, WORKSPACE
+from workflows.experiment_sweep import SweepRequest
 
 T = TypeVar("T")
 JOBS = "/v1/jobs/experiments"
@@ -298,9 +304,9 @@ def test_a_submitted_sweep_streams_to_its_end_and_records_every_point(
 
     description = api.run(api.client.get_workflow_handle(workflow_id).describe())
     attributes = description.typed_search_attributes
-    assert attributes.get(WORKSPACE) == api.default_workspace_id
-    assert attributes.get(JOB_KIND) == "experiment_sweep"
-    assert attributes.get(SPEC_HASH) == spec_hash(spec)
+    assert attributes.get(WORKSPACE_ATTRIBUTE) == api.default_workspace_id
+    assert attributes.get(JOB_KIND_ATTRIBUTE) == "experiment_sweep"
+    assert attributes.get(SPEC_HASH_ATTRIBUTE) == spec_hash(spec)
     audit = [a for a in api.run(api.audit(api.default_workspace_id)) if a.target == small_job.id]
     assert [(a.actor, a.action) for a in audit] == [("anonymous", "experiment_job.submit")]
 

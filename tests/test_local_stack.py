@@ -471,9 +471,10 @@ def test_an_external_cluster_is_used_not_started(tmp_path: Path, external_tempor
 def test_an_unreachable_cluster_is_named(
     tmp_path: Path, in_process_environment: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (port,) = free_ports(1)
+    port, api_port = free_ports(2)
     monkeypatch.setenv("TEMPORAL_ADDRESS", f"127.0.0.1:{port}")
-    settings = load_settings(data_dir=tmp_path)
+    # Whatever listens on the default API port here, this is about the cluster.
+    settings = load_settings(data_dir=tmp_path, api_port=api_port)
     with pytest.raises(
         StackError,
         match=rf"Temporal at 127\.0\.0\.1:{port} \(TEMPORAL_ADDRESS\) "
@@ -502,3 +503,50 @@ def test_db_upgrade_migrates_the_configured_store(
         "(QMACHINA_DATABASE_URL) could not be brought to head: "
     )
     assert "secret" not in result.stderr
+
+
+BAD_SPEC = """\
+name: es_bad
+serving: serving/derivative_baseline.yaml
+eval:
+  tp_ticks: [4, 0]
+  sl_ticks: 4
+  max_hold_bins: 600
+"""
+
+
+def test_demo_sweeps_through_the_stack_and_the_sweep_commands_follow_it(
+    stack: Stack, tmp_path: Path
+) -> None:
+    demo = stack.qmachina("demo")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    shown = " ".join(demo.stdout.split())  # however the terminal width wrapped it
+    assert "144/144" in shown
+    assert "succeeded: 144 points succeeded, 0 failed" in shown
+    assert "144 runs by train.total_pnl_ticks (desc)" in shown
+    assert f"http://127.0.0.1:{stack.api_port}/docs" in shown
+
+    # The stack is left running, and the sweep is in the store behind the API.
+    assert stack.qmachina("status").returncode == 0
+    api = f"--api={stack.api_url}"
+    jobs = httpx.get(f"{stack.api_url}/v1/jobs/experiments").json()["jobs"]
+    assert [(j["name"], j["status"]) for j in jobs] == [("es_derivative_sweep", "succeeded")]
+    job_id = jobs[0]["id"]
+    status = stack.qmachina("sweep", "status", job_id, api)
+    assert status.returncode == 0, status.stderr
+    assert "succeeded" in status.stdout
+    assert "recorded: 144 succeeded, 0 failed" in " ".join(status.stdout.split())
+    runs = stack.qmachina("sweep", "runs", job_id, "--sort", "test.signals", "--top", "3", api)
+    assert runs.returncode == 0, runs.stderr
+    assert "144 runs by test.signals (desc)" in " ".join(runs.stdout.split())
+
+    # A bad spec outside the configs root goes inline; its error points at the file's line.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_SPEC)
+    refused = stack.qmachina("sweep", "submit", str(bad), api)
+    assert refused.returncode == 2
+    assert f"{bad}:4: spec.eval.tp_ticks[1]" in " ".join(refused.stderr.split())
+    assert len(httpx.get(f"{stack.api_url}/v1/jobs/experiments").json()["jobs"]) == 1
+
+    down = stack.qmachina("down")
+    assert down.returncode == 0, down.stderr

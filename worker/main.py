@@ -21,14 +21,15 @@ from activities.sweep import SweepActivities
 from activities.sweep_tracking import TrackingTarget
 from qmachina.settings import SettingsError, load_settings
 from qmachina.store.database import create_store_engine, session_factory
-from workflows.experiment_sweep import TASK_QUEUE, ExperimentSweep
+from qmachina.temporal_names import SWEEP_TASK_QUEUE
+from workflows.experiment_sweep import ExperimentSweep
 
 
 def sweep_worker(
     client: Client,
     activities: SweepActivities,
     *,
-    task_queue: str = TASK_QUEUE,
+    task_queue: str = SWEEP_TASK_QUEUE,
     sticky_schedule_to_start: timedelta = timedelta(seconds=10),
 ) -> Worker:
     """A worker running ExperimentSweep and its activities on ``task_queue``.
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(error))
     parser.add_argument("--address", default=settings.temporal_target)
     parser.add_argument("--namespace", default=settings.temporal_namespace)
-    parser.add_argument("--task-queue", default=TASK_QUEUE)
+    parser.add_argument("--task-queue", default=SWEEP_TASK_QUEUE)
     parser.add_argument(
         "--database-url", default=settings.database_url, help="the control-plane store"
     )

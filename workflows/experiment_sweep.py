@@ -26,21 +26,14 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
-TASK_QUEUE = "experiment-sweep"
 PLAN_SWEEP = "plan_sweep"
 EVALUATE_CHUNK = "evaluate_chunk"
 TRACK_SWEEP = "track_sweep"
 FINISH_SWEEP = "finish_sweep"
-JOB_KIND = "experiment_sweep"
 TRACKING_PATCH = "track-sweep-in-mlflow"
 
 SweepState = Literal["planning", "running", "canceling", "succeeded", "failed", "canceled"]
 FinalState = Literal["succeeded", "failed", "canceled"]
-
-
-def sweep_workflow_id(workspace_id: str, job_id: str) -> str:
-    """The workflow ID of a job's sweep: one sweep per job."""
-    return f"sweep-{workspace_id}-{job_id}"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from api.job_models import (
 )
 from api.problems import problem_responses
 from qmachina.store.models import ExperimentJob, ExperimentRun
-from workflows.experiment_sweep import sweep_workflow_id
+from qmachina.temporal_names import sweep_workflow_id
 
 router = APIRouter(prefix=JOBS_PATH, tags=["experiment jobs"])
 
