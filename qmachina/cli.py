@@ -15,7 +15,7 @@ from rich.table import Table
 from engine.replay import ReplayError
 from engine.signals.registry import SignalError
 from engine.synthetic import write_synthetic_dbn
-from qmachina import local_stack, stack_cli, sweep_cli
+from qmachina import local_stack, stack_cli, sweep_cli, workspace_cli
 from qmachina.book_report import BookReportError, replay_book_lines
 from qmachina.experiment_run import run_experiment
 from qmachina.gold_cli import app as gold_app
@@ -40,6 +40,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(gold_app, name="gold")
 app.add_typer(sweep_cli.app, name="sweep")
+app.add_typer(workspace_cli.app, name="workspace")
 app.add_typer(stack_cli.db_app, name="db")
 app.command("up")(stack_cli.up)
 app.command("down")(stack_cli.down)

@@ -687,6 +687,7 @@ async def _bootstrap(settings: Settings) -> str:
 def upgrade_store(settings: Settings) -> str:
     """Migrate the configured store to head and make sure the default workspace exists; returns
     the default workspace's id."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)  # where the SQLite default lives
     return asyncio.run(_bootstrap(settings))
 
 

@@ -24,6 +24,7 @@ from temporalio.worker import Worker
 
 from activities.sweep import SweepActivities
 from activities.sweep_tracking import TrackingTarget
+from qmachina.experiment_run import run_experiment
 from qmachina.silver_build import build_silver
 from qmachina.specs.pipeline import resolve_pipeline
 from qmachina.store import repository as repo
@@ -72,10 +73,20 @@ class Roots:
 
 
 def make_roots(base: Path, sample_dir: Path) -> Roots:
-    """The shipped configs with the ES pipeline cut to twenty minutes, its silver in a lake."""
+    """The shipped configs with the ES pipeline cut to twenty minutes, its silver in a lake.
+
+    The small experiment is also run once in this process: on a fresh checkout that compiles
+    (and caches on disk) every numba kernel a sweep uses, here, instead of inside the first test
+    that waits on a sweep with a deadline."""
     configs = es_session_configs(base, SWEEP_EXPERIMENTS)
     pipeline = configs / "pipelines" / "es_default.yaml"
     build_silver(resolve_pipeline(pipeline, configs, sample_dir), base / "lake")
+    run_experiment(
+        configs / "experiments" / "es_small.yaml",
+        lake_root=base / "lake",
+        configs_root=configs,
+        data_root=sample_dir,
+    )
     return Roots(configs, sample_dir, base / "lake")
 
 

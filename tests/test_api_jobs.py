@@ -203,6 +203,8 @@ def read_events(
     ) as source:
         assert source.response.status_code == 200, source.response.read()
         for event in source.iter_sse():
+            if not event.data:  # a keep-alive comment while the sweep is quiet
+                continue
             events.append(event)
             if len(events) == stop_after:
                 break
