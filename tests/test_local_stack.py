@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +33,11 @@ from qmachina import local_stack
 from qmachina.cli import app
 from qmachina.local_stack import StackError, StackProcess
 from qmachina.settings import SETTINGS_FILE_VARIABLE, Settings, load_settings, variable_names
+from tests.postgres import scratch_database
 
 BIN = Path(sys.executable).parent
 QMACHINA = BIN / "qmachina"
 TEMPORAL = BIN / "temporal"
-PG_SERVER = os.environ.get("QMACHINA_TEST_POSTGRES", "postgres@127.0.0.1:5432")
-PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 COMPONENTS = {"temporal", "worker", "api"}
 
 
@@ -166,19 +164,6 @@ def stack(tmp_path: Path, bytecode_cache: Path) -> Iterator[Stack]:
     assert not leaked, f"processes survived `qmachina down`: {leaked}"
 
 
-async def _admin(statement: str) -> None:
-    engine = create_async_engine(
-        f"postgresql+asyncpg://{PG_SERVER}/postgres",
-        isolation_level="AUTOCOMMIT",
-        connect_args={"timeout": 5},
-    )
-    try:
-        async with engine.connect() as connection:
-            await connection.exec_driver_sql(statement)
-    finally:
-        await engine.dispose()
-
-
 async def _default_workspaces(url: str) -> list[str]:
     engine = create_async_engine(url)
     try:
@@ -192,15 +177,8 @@ async def _default_workspaces(url: str) -> list[str]:
 @pytest.fixture
 def postgres_store() -> Iterator[str]:
     """The URL of a new, empty PostgreSQL database, dropped afterwards."""
-    name = f"qmachina_stack_{uuid.uuid4().hex[:12]}"
-    try:
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, sa.exc.DBAPIError) as exc:
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG_SERVER} ({exc!r}); start it with {PG_START}"
-        )
-    yield f"postgresql+asyncpg://{PG_SERVER}/{name}"
-    asyncio.run(_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    with scratch_database("qmachina_stack") as url:
+        yield url
 
 
 def temporal_cli(*args: str, address: str) -> subprocess.CompletedProcess[str]:

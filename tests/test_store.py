@@ -8,7 +8,6 @@ fail, never skip, when the server is down.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -19,7 +18,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from qmachina.store import repository as repo
 from qmachina.store.database import (
@@ -30,9 +29,8 @@ from qmachina.store.database import (
     upgrade_to_head,
 )
 from qmachina.store.models import Base, ExperimentJob, JobEvent, Workspace
+from tests.postgres import scratch_database
 
-PG_SERVER = os.environ.get("QMACHINA_TEST_POSTGRES", "postgres@127.0.0.1:5432")
-PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 STORE_TABLES = {
     "workspace",
     "workspace_member",
@@ -47,33 +45,11 @@ SPEC_HASH = "e" * 64
 Sessions = async_sessionmaker[AsyncSession]
 
 
-async def _admin(statement: str) -> None:
-    """Run ``statement`` outside a transaction in the server's ``postgres`` database."""
-    engine = create_async_engine(
-        f"postgresql+asyncpg://{PG_SERVER}/postgres",
-        isolation_level="AUTOCOMMIT",
-        connect_args={"timeout": 5},
-    )
-    try:
-        async with engine.connect() as connection:
-            await connection.exec_driver_sql(statement)
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A new, empty PostgreSQL database for this test session, dropped at the end."""
-    name = f"qmachina_test_{uuid.uuid4().hex[:12]}"
-    try:
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, sa.exc.DBAPIError) as exc:
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG_SERVER} ({exc!r}); start it with `{PG_START}` "
-            "or point QMACHINA_TEST_POSTGRES at a server (user@host:port)"
-        )
-    yield f"postgresql+asyncpg://{PG_SERVER}/{name}"
-    asyncio.run(_admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    with scratch_database("qmachina_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
