@@ -1,7 +1,8 @@
 """The API application: ``uvicorn api.app:create_app --factory``.
 
 The lifespan connects one Temporal client and one store engine per process, from the settings;
-routes reach them through the dependencies in :mod:`api.dependencies`.
+routes reach them through the dependencies in :mod:`api.dependencies`. Every router but health
+(and the dev issuer's discovery routes) requires a bearer token (:mod:`api.auth`).
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from temporalio.client import Client
 
+from api.auth import authentication_for, current_principal
 from api.dependencies import AppState
-from api.problems import install_problem_handlers
-from api.routes import experiment_jobs, experiments, health
+from api.problems import UNAUTHORIZED, install_problem_handlers
+from api.routes import experiment_jobs, experiments, health, well_known
 from qmachina.settings import Settings, load_settings
 from qmachina.store.database import create_store_engine, session_factory
 
@@ -42,7 +44,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    app.state.authentication = authentication = authentication_for(resolved)
     app.include_router(health.router)
-    app.include_router(experiment_jobs.router)
-    app.include_router(experiments.router)
+    if authentication.dev_issuer is not None:
+        app.include_router(well_known.router)
+    for router in (experiment_jobs.router, experiments.router):
+        app.include_router(
+            router,
+            dependencies=[Depends(current_principal)],
+            responses=UNAUTHORIZED,
+        )
     return app

@@ -26,6 +26,7 @@ from api.dependencies import AppState, Sessions
 from api.job_models import ExperimentSubmission
 from api.problems import Issue, JobFinishedError, SpecRejectedError, TemporalUnavailableError
 from api.workspaces import find_workspace
+from qmachina.auth import Principal
 from qmachina.experiment_archive import INLINE_SPEC, AcceptedExperiment, ExperimentArchive
 from qmachina.settings import Settings
 from qmachina.specs.errors import SpecError, SpecIssue
@@ -45,8 +46,6 @@ from workflows.experiment_sweep import (
     SweepRequest,
 )
 
-ACTOR = "anonymous"
-"""Who every change is audited as until authentication lands."""
 TERMINAL_EVENT = "sweep_finished"
 """The last event of a job (appended by the sweep's ``finish_sweep`` activity)."""
 EVENTS_POLL_SECONDS = 0.5
@@ -161,8 +160,11 @@ def _accept(roots: SweepRoots, submission: ExperimentSubmission) -> AcceptedExpe
         ) from None
 
 
-async def submit_experiment(state: AppState, submission: ExperimentSubmission) -> Submission:
-    """Validate the spec, create the queued job (audited) and start its sweep.
+async def submit_experiment(
+    state: AppState, submission: ExperimentSubmission, principal: Principal
+) -> Submission:
+    """Validate the spec, create the queued job (audited as the principal's subject) and start
+    its sweep.
 
     Raises :class:`SpecRejectedError` before anything is written, and
     :class:`TemporalUnavailableError` (the job then failed) when the workflow cannot start.
@@ -189,7 +191,7 @@ async def submit_experiment(state: AppState, submission: ExperimentSubmission) -
         await repo.write_audit(
             session,
             workspace.id,
-            actor=ACTOR,
+            actor=principal.subject,
             action="experiment_job.submit",
             target=job.id,
             payload=facts,
@@ -293,8 +295,11 @@ def run_metric(run: ExperimentRun, path: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-async def cancel_job(state: AppState, workspace: Workspace, job_id: str) -> JobView:
-    """Signal the sweep to cancel (audited); :class:`JobFinishedError` if it already ended.
+async def cancel_job(
+    state: AppState, workspace: Workspace, job_id: str, principal: Principal
+) -> JobView:
+    """Signal the sweep to cancel (audited as the principal's subject); :class:`JobFinishedError`
+    if it already ended.
 
     The event and audit rows are written in the transaction that holds the job row while the
     signal is sent, so the cancel request precedes the job's final event and is recorded only
@@ -306,7 +311,11 @@ async def cancel_job(state: AppState, workspace: Workspace, job_id: str) -> JobV
             raise JobFinishedError(job.id, job.status)
         await repo.append_job_event(session, workspace.id, job.id, "cancel_requested", {})
         await repo.write_audit(
-            session, workspace.id, actor=ACTOR, action="experiment_job.cancel", target=job.id
+            session,
+            workspace.id,
+            actor=principal.subject,
+            action="experiment_job.cancel",
+            target=job.id,
         )
         handle = state.temporal.get_workflow_handle_for(
             ExperimentSweep.run, sweep_workflow_id(workspace.id, job.id)

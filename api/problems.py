@@ -1,9 +1,11 @@
 """Every error the API answers has one body, :class:`Problem`, declared in the OpenAPI document.
 
 Services raise domain errors (an unknown workspace, job or run, a rejected spec, a finished job,
-an unreachable Temporal); the handlers installed by :func:`install_problem_handlers` turn each
-into its status code and a ``Problem``. Request validation errors become a ``Problem`` too, each
-field named in ``issues``, so a client reads one shape for every 422.
+an unreachable Temporal, a refused bearer token); the handlers installed by
+:func:`install_problem_handlers` turn each into its status code and a ``Problem``; a refused
+token's 401 also carries the ``WWW-Authenticate`` challenge of RFC 6750. Request validation
+errors become a ``Problem`` too, each field named in ``issues``, so a client reads one shape
+for every 422.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from qmachina.auth import AuthenticationError, KeySetUnavailableError, MissingTokenError
 from qmachina.specs.errors import format_field_path
 from qmachina.store.repository import JobNotFoundError, RunNotFoundError
 
@@ -72,6 +75,17 @@ class TemporalUnavailableError(RuntimeError):
     """Temporal refused or could not be reached; the message says what failed."""
 
 
+PROBLEM_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {
+        "description": "No valid bearer token; the `WWW-Authenticate` header says why",
+        "content": PROBLEM_JSON,
+    }
+}
+"""The 401 of every protected route, declared as JSON whatever the route's own media type
+(an event stream's refusal is a JSON ``Problem`` too)."""
+
+
 def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """The ``responses=`` entries declaring a :class:`Problem` body for each status code."""
     return {code: {"model": Problem} for code in codes}
@@ -95,7 +109,26 @@ STATUS_OF: dict[type[Exception], int] = {
     RunNotFoundError: status.HTTP_404_NOT_FOUND,
     JobFinishedError: status.HTTP_409_CONFLICT,
     TemporalUnavailableError: status.HTTP_503_SERVICE_UNAVAILABLE,
+    AuthenticationError: status.HTTP_401_UNAUTHORIZED,
+    KeySetUnavailableError: status.HTTP_503_SERVICE_UNAVAILABLE,
 }
+REALM = "qmachina"
+
+
+def _quoted(text: str) -> str:
+    """``text`` as an RFC 6750 quoted value: printable ASCII without ``"`` or ``\\``."""
+    plain = text.replace('"', "'").replace("\\", "/")
+    return "".join(char if " " <= char <= "~" else "?" for char in plain)
+
+
+def bearer_challenge(error: AuthenticationError) -> str:
+    """The ``WWW-Authenticate`` value for a refused token. A request without any token gets no
+    error code (RFC 6750 section 3.1); any other refusal is ``invalid_token``."""
+    if isinstance(error, MissingTokenError):
+        return f'Bearer realm="{REALM}"'
+    return (
+        f'Bearer realm="{REALM}", error="invalid_token", error_description="{_quoted(str(error))}"'
+    )
 
 
 async def _answer(request: Request, error: Exception) -> JSONResponse:
@@ -108,7 +141,12 @@ async def _answer(request: Request, error: Exception) -> JSONResponse:
         body = Problem(detail=str(error), issues=error.issues)
     else:
         body = Problem(detail=str(error))
-    return JSONResponse(body.model_dump(mode="json"), status_code=code)
+    headers = (
+        {"WWW-Authenticate": bearer_challenge(error)}
+        if isinstance(error, AuthenticationError)
+        else None
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=code, headers=headers)
 
 
 def install_problem_handlers(app: FastAPI) -> None:

@@ -26,7 +26,8 @@ Server-Sent Events:
 - ``tracking_s``: MLflow logging of every point, which follows the finished job (off the
   evaluation path, reported apart).
 
-The silver is built into the stack's lake first when it is missing (not timed).
+The silver is built into the stack's lake first when it is missing (not timed). Requests carry
+``--token`` / ``QMACHINA_TOKEN``, else a token the local dev issuer mints for you.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -50,6 +52,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from activities.lake_frames import LakeFrames  # noqa: E402
 from activities.sweep import ChunkEvaluator, load_sweep  # noqa: E402
+from qmachina.auth import DevIssuerError  # noqa: E402
+from qmachina.auth.client import TOKEN_VARIABLE, api_auth  # noqa: E402
 from qmachina.settings import load_settings  # noqa: E402
 from qmachina.silver_build import MANIFEST_FILE, build_silver  # noqa: E402
 from qmachina.specs.pipeline import (  # noqa: E402
@@ -148,10 +152,11 @@ def pure_evaluation_s(spec: dict[str, Any], lake: Path) -> tuple[float, int]:
 
 
 def run_through_stack(
-    api: str, spec: dict[str, Any], workspace: str, *, tracked: bool = True
+    api: str, auth: httpx.Auth, spec: dict[str, Any], workspace: str, *, tracked: bool = True
 ) -> dict[str, float | str]:
     """Submit the sweep and time it from its events (with ``tracked``, until MLflow has it)."""
-    with httpx.Client(base_url=api, timeout=httpx.Timeout(60.0, read=None)) as client:
+    timeout = httpx.Timeout(60.0, read=None)
+    with httpx.Client(base_url=api, auth=auth, timeout=timeout) as client:
         submitted = time.perf_counter()
         response = client.post(JOBS_PATH, json={"workspace": workspace, "spec": spec})
         if response.is_error:
@@ -194,6 +199,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--api", help="the API's base URL (default: from the settings)")
     parser.add_argument("--workspace", default="default")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_VARIABLE),
+        help=f"a bearer token (default: ${TOKEN_VARIABLE}, else minted by the local dev issuer)",
+    )
     parser.add_argument("--workload", choices=WORKLOADS, default=WORKLOADS[0])
     parser.add_argument("--chunk-points", type=int, default=125)
     parser.add_argument("--max-concurrent-chunks", type=int, default=2)
@@ -208,11 +218,16 @@ def main() -> None:
         message = f"the stack's API at {api} is not healthy ({error}): run `qmachina up`"
         raise SystemExit(message) from None
 
+    try:
+        auth = api_auth(settings, args.token)
+    except DevIssuerError as error:
+        raise SystemExit(f"{error}; pass it with --token or {TOKEN_VARIABLE}") from None
+
     spec = bench_spec(args.workload, args.chunk_points, args.max_concurrent_chunks)
     bins = silver_bins(settings.lake_dir)
     evaluation_s, points = pure_evaluation_s(spec, settings.lake_dir)
-    warmup = run_through_stack(api, warmup_spec(), args.workspace, tracked=False)
-    timing = run_through_stack(api, spec, args.workspace)
+    warmup = run_through_stack(api, auth, warmup_spec(), args.workspace, tracked=False)
+    timing = run_through_stack(api, auth, spec, args.workspace)
     wall = float(timing["sweep_wall_s"])
     overhead = wall - evaluation_s
     report = {

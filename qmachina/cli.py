@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +17,8 @@ from engine.replay import ReplayError
 from engine.signals.registry import SignalError
 from engine.synthetic import write_synthetic_dbn
 from qmachina import local_stack, stack_cli, sweep_cli, workspace_cli
+from qmachina.auth import DevIssuerError, mint_token
+from qmachina.auth.client import TOKEN_VARIABLE, local_user
 from qmachina.book_report import BookReportError, replay_book_lines
 from qmachina.experiment_run import run_experiment
 from qmachina.gold_cli import app as gold_app
@@ -273,6 +276,30 @@ def synth(
 
 
 @app.command()
+def token(
+    user: Annotated[
+        str | None,
+        typer.Option("--user", help="Whom the token is for (its subject); default: you."),
+    ] = None,
+    ttl: Annotated[
+        int | None,
+        typer.Option(
+            "--ttl", min=1, help="Seconds it stays valid; default: QMACHINA_TOKEN_TTL_SECONDS."
+        ),
+    ] = None,
+) -> None:
+    """Print a bearer token for the API, minted by the local dev issuer from the key in the
+    data directory (made on first use). Use it as `Authorization: Bearer <token>` or
+    QMACHINA_TOKEN. With an external issuer (QMACHINA_OIDC_ISSUER), get tokens from it."""
+    settings = stack_cli.settings_or_fail()
+    try:
+        minted = mint_token(settings, local_user() if user is None else user, ttl)
+    except DevIssuerError as error:
+        raise _fail(str(error)) from None
+    sys.stdout.write(minted + "\n")
+
+
+@app.command()
 def demo(
     timeout: Annotated[
         float, typer.Option(min=1, help="Seconds to wait for each stack component.")
@@ -290,7 +317,8 @@ def demo(
         raise _fail(str(exc)) from None
     _print_summary(result)
     experiment = DEFAULT_EXPERIMENT.relative_to(DEFAULT_CONFIGS).as_posix()
-    with sweep_cli.api_client(local_stack.api_url(settings)) as client:
+    auth = sweep_cli.client_auth(settings, os.environ.get(TOKEN_VARIABLE))
+    with sweep_cli.api_client(local_stack.api_url(settings), auth) as client:
         try:
             job = sweep_cli.submit_job(client, {"workspace": "default", "experiment": experiment})
             out.print(f"submitted {experiment} as job {job['id']} (workflow {job['workflow_id']})")

@@ -16,7 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,6 +39,21 @@ ENV_PREFIX = "QMACHINA_"
 SETTINGS_FILE_VARIABLE = "QMACHINA_SETTINGS_FILE"
 STORE_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
 MLFLOW_FILE_NAME = "mlflow.sqlite3"
+SIGNING_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+"""The asymmetric JWS algorithms a token may be signed with: never ``none``, never an HMAC
+(whose secret would be the public key a JWKS publishes)."""
+MAX_TOKEN_TTL_SECONDS = 30 * 24 * 3600
 
 
 def _standard_name(name: str) -> AliasChoices:
@@ -77,6 +99,18 @@ class Settings(BaseSettings):
     sample_data_dir: Path | None = None
     """Where pipelines' dataset files are found; None: ``../shared/data/databento`` next to
     the checkout."""
+    oidc_issuer: str | None = None
+    """The OIDC issuer (``iss``) whose tokens the API accepts; None: the local dev issuer,
+    whose signing key is kept in ``<data_dir>/auth/``."""
+    oidc_audience: str = Field(default="qmachina", min_length=1)
+    """The audience (``aud``) a token must be issued for."""
+    oidc_jwks_url: str | None = Field(default=None, validate_default=True)
+    """The external issuer's JSON Web Key Set; required with ``oidc_issuer``, unset with the
+    dev issuer (its key is read from the data directory)."""
+    oidc_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
+    """The signature algorithms accepted from the external issuer (the dev issuer signs ES256)."""
+    token_ttl_seconds: int = Field(default=3600, ge=60, le=MAX_TOKEN_TTL_SECONDS)
+    """How long a token minted by the dev issuer stays valid."""
 
     @property
     def temporal_target(self) -> str:
@@ -126,12 +160,40 @@ class Settings(BaseSettings):
             raise ValueError("expected host:port")
         return address
 
-    @field_validator("openfga_api_url")
+    @field_validator("openfga_api_url", "oidc_issuer")
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("http://", "https://")):
             raise ValueError("expected an http:// or https:// URL")
         return url
+
+    @field_validator("oidc_jwks_url")
+    @classmethod
+    def _jwks_url(cls, url: str | None, info: ValidationInfo) -> str | None:
+        if "oidc_issuer" not in info.data:
+            return url  # the issuer itself is invalid and reported
+        issuer = info.data["oidc_issuer"]
+        if url is None and issuer is not None:
+            raise ValueError(
+                "an external issuer (oidc_issuer) needs the URL of its JSON Web Key Set"
+            )
+        if url is not None and issuer is None:
+            raise ValueError(
+                "the local dev issuer reads its key from the data directory: set oidc_issuer "
+                "too to verify tokens against this key set"
+            )
+        return cls._http_url(url)
+
+    @field_validator("oidc_algorithms")
+    @classmethod
+    def _signing_algorithms(cls, algorithms: list[str]) -> list[str]:
+        refused = [name for name in algorithms if name not in SIGNING_ALGORITHMS]
+        if refused:
+            raise ValueError(
+                f"not an accepted signature algorithm: {', '.join(map(repr, refused))} "
+                f"(choose from {', '.join(SIGNING_ALGORITHMS)})"
+            )
+        return algorithms
 
     @model_validator(mode="after")
     def _derive_from_data_dir(self) -> Settings:

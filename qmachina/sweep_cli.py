@@ -2,7 +2,8 @@
 
 Every command talks to a running API (``qmachina up``) over HTTP, so a sweep outlives the
 terminal that submitted it: ``watch`` follows its Server-Sent Events with a live progress bar and
-resumes after a dropped connection from the last event it saw.
+resumes after a dropped connection from the last event it saw. Each request carries a bearer
+token: ``--token`` / ``QMACHINA_TOKEN``, else one minted for the local user by the dev issuer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from qmachina.settings import SettingsError, load_settings
+from qmachina.auth import DevIssuerError
+from qmachina.auth.client import TOKEN_VARIABLE, StaticBearer, api_auth
+from qmachina.settings import Settings, SettingsError, load_settings
 from qmachina.specs.pipeline import default_configs_root
 from qmachina.specs.yaml_loader import load_yaml_document
 
@@ -50,6 +53,20 @@ ApiOption = Annotated[
     typer.Option("--api", help="The API's base URL (default: from the settings' api_host/port)."),
 ]
 WorkspaceOption = Annotated[str, typer.Option(help="The workspace's slug.")]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar=TOKEN_VARIABLE,
+        show_envvar=True,
+        help="A bearer token for the API (default: with the local dev issuer, one minted for "
+        "you from the key in the data directory; see `qmachina token`).",
+    ),
+]
+UNAUTHORIZED_HINT = (
+    "  the API wants a valid bearer token: pass --token or set QMACHINA_TOKEN (with the local "
+    "dev issuer, the commands mint one from the key in the data directory the API uses)"
+)
 
 
 class ApiError(Exception):
@@ -61,14 +78,18 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as error:
+        raise _fail(str(error)) from None
+
+
 def api_base_url(api: str | None) -> str:
     """``--api``, else the API the settings describe."""
     if api:
         return api.rstrip("/")
-    try:
-        settings = load_settings()
-    except SettingsError as error:
-        raise _fail(str(error)) from None
+    settings = _settings()
     return f"http://{settings.api_host}:{settings.api_port}"
 
 
@@ -120,17 +141,32 @@ def _request(
             "(`qmachina up`, `qmachina status`)"
         ) from None
     if response.is_error:
-        raise ApiError("\n".join(_problem_lines(response, spec_file)))
+        raise ApiError("\n".join(_hinted(_problem_lines(response, spec_file), response)))
     return response.json()
 
 
-def api_client(base_url: str) -> httpx.Client:
-    """A client of the API at ``base_url``; streams are read without a timeout."""
-    return httpx.Client(base_url=base_url, timeout=httpx.Timeout(30.0, read=None))
+def _hinted(lines: list[str], response: httpx.Response) -> list[str]:
+    return [*lines, UNAUTHORIZED_HINT] if response.status_code == 401 else lines
 
 
-def _client(api: str | None) -> httpx.Client:
-    return api_client(api_base_url(api))
+def api_client(base_url: str, auth: httpx.Auth) -> httpx.Client:
+    """A client of the API at ``base_url`` sending ``auth``'s bearer token; streams are read
+    without a timeout."""
+    return httpx.Client(base_url=base_url, auth=auth, timeout=httpx.Timeout(30.0, read=None))
+
+
+def client_auth(settings: Settings, token: str | None) -> httpx.Auth:
+    """``token``, else the dev issuer's tokens for the local user; a clear exit when neither
+    can be had."""
+    try:
+        return api_auth(settings, token)
+    except DevIssuerError as error:
+        raise _fail(f"{error}; pass it with --token or {TOKEN_VARIABLE}") from None
+
+
+def _client(api: str | None, token: str | None) -> httpx.Client:
+    auth = StaticBearer(token) if token else client_auth(_settings(), None)
+    return api_client(api_base_url(api), auth)
 
 
 def submit_job(
@@ -198,13 +234,14 @@ def submit(
         bool, typer.Option("--watch", help="Follow the sweep to its end.")
     ] = False,
     api: ApiOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Submit a sweep; the API validates the spec first and names every bad field."""
     if not experiment.is_file():
         raise _fail(f"{experiment}: file not found")
     body = submission_of(experiment, workspace, chunk_points, max_concurrent_chunks)
     inline = experiment if "spec" in body else None
-    with _client(api) as client:
+    with _client(api, token) as client:
         try:
             job = submit_job(client, body, inline)
         except ApiError as error:
@@ -222,9 +259,10 @@ def status(
     workspace: WorkspaceOption = "default",
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
     api: ApiOption = None,
+    token: TokenOption = None,
 ) -> None:
     """A job's state, progress and best run so far."""
-    with _client(api) as client:
+    with _client(api, token) as client:
         try:
             job = _request(client, "GET", f"{JOBS_PATH}/{job_id}", params={"workspace": workspace})
         except ApiError as error:
@@ -253,9 +291,10 @@ def cancel(
     job_id: Annotated[str, typer.Argument(help="The job's id.")],
     workspace: WorkspaceOption = "default",
     api: ApiOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Stop a sweep: no new chunk starts, running ones stop, finished points are kept."""
-    with _client(api) as client:
+    with _client(api, token) as client:
         try:
             job = _request(
                 client, "POST", f"{JOBS_PATH}/{job_id}/cancel", params={"workspace": workspace}
@@ -270,9 +309,10 @@ def watch(
     job_id: Annotated[str, typer.Argument(help="The job's id.")],
     workspace: WorkspaceOption = "default",
     api: ApiOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Follow a sweep to its end with a live progress bar; exit 0 only if it succeeded."""
-    with _client(api) as client:
+    with _client(api, token) as client:
         raise typer.Exit(watch_job(client, job_id, workspace))
 
 
@@ -286,9 +326,10 @@ def runs(
     ascending: Annotated[bool, typer.Option("--ascending", help="Smallest first.")] = False,
     top: Annotated[int, typer.Option(min=1, max=1000, help="Rows to show.")] = 10,
     api: ApiOption = None,
+    token: TokenOption = None,
 ) -> None:
     """The job's runs, sorted by a metric."""
-    with _client(api) as client:
+    with _client(api, token) as client:
         try:
             page = runs_page(client, job_id, workspace, sort=sort, top=top, ascending=ascending)
         except ApiError as error:
@@ -371,7 +412,8 @@ def job_events(
             ) as source:
                 if source.response.is_error:
                     source.response.read()
-                    raise ApiError("\n".join(_problem_lines(source.response, None)))
+                    lines = _problem_lines(source.response, None)
+                    raise ApiError("\n".join(_hinted(lines, source.response)))
                 for event in source.iter_sse():
                     failures = 0
                     if not event.data:  # a keep-alive comment, not a job event

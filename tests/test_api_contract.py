@@ -1,5 +1,6 @@
 """The OpenAPI document is the API's contract: every route is declared under ``/v1`` with its
-request and response models, and every error answers the one ``Problem`` body."""
+request and response models, every error answers the one ``Problem`` body, and every route but
+health requires the bearer token its security scheme declares."""
 
 from __future__ import annotations
 
@@ -30,15 +31,21 @@ class Operation:
     body: str | None = None
 
 
-LOOKUP_ERRORS = frozenset({"404", "422"})
+LOOKUP_ERRORS = frozenset({"401", "404", "422"})
+PUBLIC = {("get", "/v1/health")}
 CONTRACT = {
     ("get", "/v1/health"): Operation("200", "Health", frozenset()),
     ("post", "/v1/jobs/experiments"): Operation(
-        "202", "SubmittedJob", frozenset({"404", "422", "503"}), body="ExperimentSubmission"
+        "202",
+        "SubmittedJob",
+        frozenset({"401", "404", "422", "503"}),
+        body="ExperimentSubmission",
     ),
     ("get", "/v1/jobs/experiments"): Operation("200", "JobList", LOOKUP_ERRORS),
     ("get", JOB): Operation("200", "JobDetail", LOOKUP_ERRORS),
-    ("post", f"{JOB}/cancel"): Operation("202", "Job", frozenset({"404", "409", "422", "503"})),
+    ("post", f"{JOB}/cancel"): Operation(
+        "202", "Job", frozenset({"401", "404", "409", "422", "503"})
+    ),
     ("get", f"{JOB}/events"): Operation("200", None, LOOKUP_ERRORS),
     ("get", f"{JOB}/runs"): Operation("200", "RunPage", LOOKUP_ERRORS),
     ("get", f"{JOB}/runs/{{point_hash}}"): Operation("200", "RunDetail", LOOKUP_ERRORS),
@@ -96,6 +103,27 @@ def test_each_route_declares_its_models(document: dict[str, Any], method: str, p
         assert responses[code]["content"] == {
             "application/json": {"schema": {"$ref": SCHEMAS + "Problem"}}
         }, f"{method.upper()} {path} {code}"
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(CONTRACT))
+def test_each_route_but_health_requires_a_bearer_token(
+    document: dict[str, Any], method: str, path: str
+) -> None:
+    operation = document["paths"][path][method]
+    if (method, path) in PUBLIC:
+        assert "security" not in operation
+    else:
+        assert operation["security"] == [{"bearer": []}], f"{method.upper()} {path}"
+
+
+def test_the_bearer_scheme_is_declared(document: dict[str, Any]) -> None:
+    schemes = document["components"]["securitySchemes"]
+    assert set(schemes) == {"bearer"}
+    assert schemes["bearer"]["type"] == "http"
+    assert schemes["bearer"]["scheme"] == "bearer"
+    assert schemes["bearer"]["bearerFormat"] == "JWT"
+    # The dev issuer's discovery routes are protocol endpoints, not part of the /v1 contract.
+    assert not [path for path in document["paths"] if path.startswith("/.well-known")]
 
 
 def test_every_error_is_a_problem(document: dict[str, Any]) -> None:

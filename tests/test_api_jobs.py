@@ -1,7 +1,8 @@
 """The experiment jobs API end to end: a Temporal dev server, an in-process sweep worker, a SQLite
 store and the app served by uvicorn, all on one event loop in a background thread; the tests talk
-HTTP to it and run coroutines on that loop to look at Temporal and the store directly. Sweeps run
-on the ES twenty-minute configs of ``tests/sweep_stack.py``; the module shares one stack."""
+HTTP to it, with a token of the stack's dev issuer, and run coroutines on that loop to look at
+Temporal and the store directly. Sweeps run on the ES twenty-minute configs of
+``tests/sweep_stack.py``; the module shares one stack."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from activities.sweep import SweepActivities, load_sweep
 from api.app import create_app
 from api.job_models import JobDetail, SubmittedJob
 from api.jobs_service import effective_concurrency
+from qmachina.auth import mint_token
 from qmachina.settings import Settings, load_settings
 from qmachina.specs.experiment import ExperimentSpec
 from qmachina.specs.identity import spec_hash
@@ -52,6 +54,8 @@ from workflows.experiment_sweep import SweepRequest
 T = TypeVar("T")
 JOBS = "/v1/jobs/experiments"
 STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
+SUBJECT = "researcher"
+"""Who the tests call the API as: every change is audited as this subject."""
 
 
 class LiveApi:
@@ -99,6 +103,7 @@ class LiveApi:
         await self._stack.enter_async_context(
             sweep_worker(env.client, SweepActivities(self.sessions))
         )
+        self.token = mint_token(self.settings(), SUBJECT)
         self.base_url = await self.serve(self.settings())
 
     async def serve(self, settings: Settings) -> str:
@@ -132,7 +137,11 @@ class LiveApi:
             self._loop.close()
 
     def http(self, base_url: str | None = None) -> httpx.Client:
-        return httpx.Client(base_url=base_url or self.base_url, timeout=30.0)
+        return httpx.Client(
+            base_url=base_url or self.base_url,
+            timeout=30.0,
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
 
     async def add_workspace(self, slug: str, max_concurrent_chunks: int | None = None) -> str:
         async with self.sessions.begin() as session:
@@ -310,7 +319,7 @@ def test_a_submitted_sweep_streams_to_its_end_and_records_every_point(
     assert attributes.get(JOB_KIND_ATTRIBUTE) == "experiment_sweep"
     assert attributes.get(SPEC_HASH_ATTRIBUTE) == spec_hash(spec)
     audit = [a for a in api.run(api.audit(api.default_workspace_id)) if a.target == small_job.id]
-    assert [(a.actor, a.action) for a in audit] == [("anonymous", "experiment_job.submit")]
+    assert [(a.actor, a.action) for a in audit] == [(SUBJECT, "experiment_job.submit")]
 
 
 def test_last_event_id_resumes_after_the_given_event(api: LiveApi, small_job: SweptJob) -> None:
@@ -429,8 +438,8 @@ def test_cancel_ends_the_job_canceled_within_the_workspace_bound(api: LiveApi) -
     assert again.json()["detail"] == f"experiment job {job_id} is already canceled"
     audit = sorted(api.run(api.audit(workspace_id)), key=lambda a: a.created_at)
     assert [(a.actor, a.action, a.target) for a in audit] == [
-        ("anonymous", "experiment_job.submit", job_id),
-        ("anonymous", "experiment_job.cancel", job_id),
+        (SUBJECT, "experiment_job.submit", job_id),
+        (SUBJECT, "experiment_job.cancel", job_id),
     ]
 
 

@@ -504,10 +504,15 @@ def test_demo_sweeps_through_the_stack_and_the_sweep_commands_follow_it(
     assert "144 runs by train.total_pnl_ticks (desc)" in shown
     assert f"http://127.0.0.1:{stack.api_port}/docs" in shown
 
-    # The stack is left running, and the sweep is in the store behind the API.
+    # The stack is left running, and the sweep is in the store behind the API, which answers
+    # a token of the data directory's dev issuer (the demo and the sweep commands mint theirs).
     assert stack.qmachina("status").returncode == 0
     api = f"--api={stack.api_url}"
-    jobs = httpx.get(f"{stack.api_url}/v1/jobs/experiments").json()["jobs"]
+    minted = stack.qmachina("token", "--user", "tester")
+    assert minted.returncode == 0, minted.stderr
+    bearer = {"Authorization": f"Bearer {minted.stdout.strip()}"}
+    assert httpx.get(f"{stack.api_url}/v1/jobs/experiments").status_code == 401
+    jobs = httpx.get(f"{stack.api_url}/v1/jobs/experiments", headers=bearer).json()["jobs"]
     assert [(j["name"], j["status"]) for j in jobs] == [("es_derivative_sweep", "succeeded")]
     job_id = jobs[0]["id"]
     status = stack.qmachina("sweep", "status", job_id, api)
@@ -524,7 +529,8 @@ def test_demo_sweeps_through_the_stack_and_the_sweep_commands_follow_it(
     refused = stack.qmachina("sweep", "submit", str(bad), api)
     assert refused.returncode == 2
     assert f"{bad}:4: spec.eval.tp_ticks[1]" in " ".join(refused.stderr.split())
-    assert len(httpx.get(f"{stack.api_url}/v1/jobs/experiments").json()["jobs"]) == 1
+    listed = httpx.get(f"{stack.api_url}/v1/jobs/experiments", headers=bearer)
+    assert len(listed.json()["jobs"]) == 1
 
     down = stack.qmachina("down")
     assert down.returncode == 0, down.stderr

@@ -164,7 +164,7 @@ def test_sweep_resumes_after_worker_is_killed(
                     assert process.poll() is None, (tmp_path / "worker.log").read_text()
                     return len(await stack.runs()) >= 3
 
-                await until(mid_chunk)
+                await until(mid_chunk, timeout=180.0)  # a cold worker imports and loads first
             finally:
                 process.send_signal(signal.SIGKILL)
                 process.wait()

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Header, Query, status
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api import jobs_service
+from api.auth import CurrentPrincipal
 from api.dependencies import CurrentWorkspace, State
 from api.job_models import (
     JOBS_PATH,
@@ -28,13 +29,11 @@ from api.job_models import (
     SubmittedJob,
     job_links,
 )
-from api.problems import problem_responses
+from api.problems import PROBLEM_JSON, problem_responses
 from qmachina.store.models import ExperimentJob, ExperimentRun
 from qmachina.temporal_names import sweep_workflow_id
 
 router = APIRouter(prefix=JOBS_PATH, tags=["experiment jobs"])
-
-PROBLEM_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
 
 
 def job_fields(view: jobs_service.JobView) -> dict[str, Any]:
@@ -67,11 +66,13 @@ def job_of(view: jobs_service.JobView) -> Job:
     response_model=SubmittedJob,
     responses=problem_responses(404, 422, 503),
 )
-async def submit_experiment_job(submission: ExperimentSubmission, state: State) -> SubmittedJob:
+async def submit_experiment_job(
+    submission: ExperimentSubmission, state: State, principal: CurrentPrincipal
+) -> SubmittedJob:
     """Validate the spec in full (as ``qmachina config validate`` does), create the queued job
     and start its sweep. A bad spec answers 422 naming every field, and nothing is started; a
     workflow that cannot be started fails the job and answers 503."""
-    submitted = await jobs_service.submit_experiment(state, submission)
+    submitted = await jobs_service.submit_experiment(state, submission, principal)
     return SubmittedJob(
         **job_fields(submitted.view),
         experiment=submitted.accepted.experiment,
@@ -121,10 +122,12 @@ async def get_experiment_job(job_id: str, state: State, workspace: CurrentWorksp
     response_model=Job,
     responses=problem_responses(404, 409, 422, 503),
 )
-async def cancel_experiment_job(job_id: str, state: State, workspace: CurrentWorkspace) -> Job:
+async def cancel_experiment_job(
+    job_id: str, state: State, workspace: CurrentWorkspace, principal: CurrentPrincipal
+) -> Job:
     """Ask the sweep to stop: running chunks are canceled, finished points kept, and the job
     ends ``canceled``. 409 when the job has already ended."""
-    return job_of(await jobs_service.cancel_job(state, workspace, job_id))
+    return job_of(await jobs_service.cancel_job(state, workspace, job_id, principal))
 
 
 async def existing_job(job_id: str, state: State, workspace: CurrentWorkspace) -> ExperimentJob:
