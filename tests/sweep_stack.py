@@ -7,7 +7,6 @@ The fixtures ``sweep_roots`` and ``sweep_store_url`` live in ``tests/conftest.py
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,8 +29,9 @@ from qmachina.specs.pipeline import resolve_pipeline
 from qmachina.store import repository as repo
 from qmachina.store.database import create_store_engine, session_factory
 from qmachina.store.models import ExperimentRun, JobArtifact, JobEvent
-from qmachina.temporal_names import QMACHINA_SEARCH_ATTRIBUTES, sweep_workflow_id
+from qmachina.temporal_names import sweep_workflow_id
 from tests.es_grid import SMALL_EXPERIMENT, es_session_configs
+from tests.live_server import start_dev_server
 from worker.main import sweep_worker
 from workflows.experiment_sweep import (
     ExperimentSource,
@@ -39,8 +39,6 @@ from workflows.experiment_sweep import (
     SweepOutcome,
     SweepRequest,
 )
-
-TEMPORAL = Path(sys.executable).parent / "temporal"
 
 # z_min_periods 700 exceeds the serving spec's z_window (600): the signal refuses those points.
 FAILING_EXPERIMENT = """\
@@ -170,14 +168,7 @@ async def sweep_stack(
         workspace = await repo.create_workspace(session, f"ws-{uuid.uuid4().hex[:8]}", "Desk")
         job = await repo.create_job(session, workspace.id, "es-sweep", "e" * 64)
     try:
-        async with await WorkflowEnvironment.start_local(
-            dev_server_existing_path=str(TEMPORAL),
-            search_attributes=QMACHINA_SEARCH_ATTRIBUTES,
-            dev_server_extra_args=[
-                "--dynamic-config-value",
-                "frontend.enableServerVersionCheck=false",
-            ],
-        ) as env:
+        async with await start_dev_server() as env:
             yield Stack(
                 env,
                 SweepActivities(sessions, tracking),

@@ -6,13 +6,9 @@ Temporal and the store directly. Sweeps run on the ES twenty-minute configs of
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import threading
 import time
-from collections.abc import Coroutine, Iterator
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,11 +16,9 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import sqlalchemy as sa
-import uvicorn
 import yaml
 from httpx_sse import ServerSentEvent, connect_sse
 from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
 
 from activities.sweep import SweepActivities, load_sweep
 from api.app import create_app
@@ -41,13 +35,13 @@ from qmachina.store.database import create_store_engine, default_sqlite_url, ses
 from qmachina.store.models import AuditEvent, ExperimentJob, ExperimentRun
 from qmachina.temporal_names import (
     JOB_KIND_ATTRIBUTE,
-    QMACHINA_SEARCH_ATTRIBUTES,
     SPEC_HASH_ATTRIBUTE,
     WORKSPACE_ATTRIBUTE,
     sweep_workflow_id,
 )
 from tests.es_grid import SMALL_EXPERIMENT
-from tests.sweep_stack import FAILING_EXPERIMENT, TEMPORAL, Roots
+from tests.live_server import BackgroundLoop, start_dev_server
+from tests.sweep_stack import FAILING_EXPERIMENT, Roots
 from worker.main import sweep_worker
 from workflows.experiment_sweep import SweepRequest
 
@@ -58,20 +52,14 @@ SUBJECT = "researcher"
 """Who the tests call the API as: every change is audited as this subject."""
 
 
-class LiveApi:
+class LiveApi(BackgroundLoop):
     """The stack on its own event loop: ``run`` executes a coroutine there and waits for it."""
 
     def __init__(self, roots: Roots, data_dir: Path) -> None:
         self.roots = roots
         self.data_dir = data_dir
         self.store_url = default_sqlite_url(data_dir)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="api-stack")
-        self._thread.start()
-        self._stack = AsyncExitStack()
-
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 90.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        super().__init__("api-stack")
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -86,55 +74,16 @@ class LiveApi:
 
     async def start(self) -> None:
         self.default_workspace_id = await bootstrap_store(self.store_url)
-        env = await self._stack.enter_async_context(
-            await WorkflowEnvironment.start_local(
-                dev_server_existing_path=str(TEMPORAL),
-                search_attributes=QMACHINA_SEARCH_ATTRIBUTES,
-                dev_server_extra_args=[
-                    "--dynamic-config-value",
-                    "frontend.enableServerVersionCheck=false",
-                ],
-            )
-        )
+        env = await self.resources.enter_async_context(await start_dev_server())
         self.client: Client = env.client
         engine = create_store_engine(self.store_url)
-        self._stack.push_async_callback(engine.dispose)
+        self.resources.push_async_callback(engine.dispose)
         self.sessions = session_factory(engine)
-        await self._stack.enter_async_context(
+        await self.resources.enter_async_context(
             sweep_worker(env.client, SweepActivities(self.sessions))
         )
         self.token = mint_token(self.settings(), SUBJECT)
-        self.base_url = await self.serve(self.settings())
-
-    async def serve(self, settings: Settings) -> str:
-        """Serve the app for ``settings`` on a free port until the stack closes; its URL."""
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), log_level="warning", timeout_graceful_shutdown=2)
-        )
-        serving = asyncio.create_task(server.serve(sockets=[listener]))
-
-        async def stop() -> None:
-            server.should_exit = True
-            await serving
-            listener.close()
-
-        self._stack.push_async_callback(stop)
-        while not server.started:
-            if serving.done():
-                serving.result()
-            await asyncio.sleep(0.01)
-        host, port = listener.getsockname()
-        return f"http://{host}:{port}"
-
-    def close(self) -> None:
-        try:
-            self.run(self._stack.aclose())
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+        self.base_url = await self.serve(create_app(self.settings()))
 
     def http(self, base_url: str | None = None) -> httpx.Client:
         return httpx.Client(
@@ -551,7 +500,9 @@ def test_the_experiment_browser_groups_jobs_by_name(
 
 
 def test_a_workflow_that_cannot_start_fails_the_job(api: LiveApi) -> None:
-    unreachable = api.run(api.serve(api.settings(temporal_namespace="no-such-namespace")))
+    unreachable = api.run(
+        api.serve(create_app(api.settings(temporal_namespace="no-such-namespace")))
+    )
     jobs_before = {job.id for job in api.run(api.jobs())}
     with api.http(unreachable) as http:
         response = http.post(JOBS, json={"experiment": "experiments/es_small.yaml"})

@@ -4,7 +4,6 @@ Temporal dev server and a SQLite store; nothing of the verification is replaced.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import getpass
 import hashlib
@@ -15,8 +14,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import AsyncExitStack
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,13 +23,10 @@ from typing import Any, TypeVar
 import httpx
 import jwt
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 from jwt import PyJWK
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
-from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner
 
 from api.app import create_app
@@ -59,7 +54,7 @@ from qmachina.cli import app as cli
 from qmachina.settings import Settings, SettingsError, load_settings, variable_names
 from qmachina.store.bootstrap import bootstrap_store
 from qmachina.store.database import default_sqlite_url
-from tests.sweep_stack import TEMPORAL
+from tests.live_server import BackgroundLoop, start_dev_server
 
 T = TypeVar("T")
 JOBS = "/v1/jobs/experiments"
@@ -77,31 +72,17 @@ EXTERNAL_ISSUER = "https://idp.example"
 runner = CliRunner()
 
 
-class AuthStack:
+class AuthStack(BackgroundLoop):
     """A dev server, a store and apps served by uvicorn, on one event loop in a thread."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.store_url = default_sqlite_url(data_dir)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="auth-stack")
-        self._thread.start()
-        self._stack = AsyncExitStack()
-
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        super().__init__("auth-stack")
 
     async def start(self) -> None:
         await bootstrap_store(self.store_url)
-        env = await self._stack.enter_async_context(
-            await WorkflowEnvironment.start_local(
-                dev_server_existing_path=str(TEMPORAL),
-                dev_server_extra_args=[
-                    "--dynamic-config-value",
-                    "frontend.enableServerVersionCheck=false",
-                ],
-            )
-        )
+        env = await self.resources.enter_async_context(await start_dev_server())
         self.temporal_address = env.client.service_client.config.target_host
         self.app = create_app(self.settings())
         self.base_url = await self.serve(self.app)
@@ -113,34 +94,6 @@ class AuthStack:
             "temporal_address": self.temporal_address,
         }
         return load_settings(**(values | overrides))
-
-    async def serve(self, app: FastAPI) -> str:
-        """Serve ``app`` on a free port until the stack closes; its URL."""
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        serving = asyncio.create_task(server.serve(sockets=[listener]))
-
-        async def stop() -> None:
-            server.should_exit = True
-            await serving
-            listener.close()
-
-        self._stack.push_async_callback(stop)
-        while not server.started:
-            if serving.done():
-                serving.result()
-            await asyncio.sleep(0.01)
-        host, port = listener.getsockname()
-        return f"http://{host}:{port}"
-
-    def close(self) -> None:
-        try:
-            self.run(self._stack.aclose())
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
 
 
 @pytest.fixture(scope="module")
