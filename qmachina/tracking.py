@@ -27,17 +27,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 from mlflow.entities import Metric, Param, Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from engine.sweep_core import SweepPoint
 from qmachina.silver_build import MANIFEST_FILE, SILVER_FILE
-from qmachina.specs.identity import spec_hash
-
-if TYPE_CHECKING:
-    from qmachina.experiment_run import ExperimentResult
 
 PARENT_TAG = "mlflow.parentRunId"
 POINT_HASH_TAG = "qmachina.point_hash"
@@ -290,40 +286,3 @@ def silver_ref(lake_dir: Path, pipeline_hash: str) -> SilverRef:
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
     path = directory / manifest.get("silver_file", SILVER_FILE)
     return SilverRef("silver", pipeline_hash, str(path), manifest["silver_sha256"])
-
-
-def track_experiment(
-    result: ExperimentResult,
-    *,
-    tracking_uri: str,
-    artifact_root: Path,
-    silver_refs: Sequence[SilverRef],
-    experiment_name: str | None = None,
-    sweep_key: str | None = None,
-) -> str:
-    """Track a finished experiment run in one go; returns the parent run id.
-
-    The MLflow experiment is ``experiment_name``, else the spec's ``tracking.experiment_name``,
-    else the spec's name.
-    """
-    spec = result.experiment
-    tracker = SweepTracker(tracking_uri, artifact_root)
-    tracker.start(
-        experiment_name or spec.tracking.experiment_name or spec.name,
-        {
-            "experiment": spec_hash(spec),
-            "serving": spec_hash(result.serving),
-            "gold": result.gold_hash,
-        },
-        {
-            "objective": spec.objective,
-            "train_fraction": spec.dataset.train_fraction,
-            "points": len(result.leaderboard),
-        },
-        sweep_key=sweep_key,
-    )
-    tracker.log_points(result.leaderboard)
-    tracker.log_leaderboard(result.leaderboard)
-    tracker.log_silver_refs(silver_refs)
-    tracker.finish()
-    return tracker.parent_run_id

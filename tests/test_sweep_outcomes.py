@@ -117,6 +117,10 @@ def test_a_tracked_sweep_logs_every_point_its_leaderboard_and_its_silver_to_mlfl
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
+    sweep = load_sweep(sweep_roots.source("es_failing"))
+    assert {k: parent.data.tags[f"spec.{k}"] for k in sweep.spec_hashes} == sweep.spec_hashes
+    assert parent.data.params["objective"] == "total_pnl_ticks"
+    assert parent.data.params["points"] == "4"
     assert events["tracked"]["mlflow_parent_run_id"] == parent.info.run_id
     assert events["tracked"]["child_runs"] == 4
 

@@ -14,13 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from engine.evaluation import INTEGER_METRICS, METRIC_NAMES
 from engine.signals.builtin import load_builtin_signals
-from engine.sweep_core import SweepCoreResult, SweepSpace, expand_points
-from qmachina.experiment_run import ExperimentResult, LeaderboardRow
+from engine.sweep_core import SweepSpace, expand_points
+from qmachina.experiment_run import LeaderboardRow
 from qmachina.silver_build import MANIFEST_FILE
-from qmachina.specs.experiment import ExperimentSpec
-from qmachina.specs.identity import spec_hash
-from qmachina.specs.serving import ServingSpec
-from qmachina.specs.yaml_loader import load_spec
 from qmachina.tracking import (
     LAKE_REFS_FILE,
     LEADERBOARD_FILE,
@@ -30,9 +26,7 @@ from qmachina.tracking import (
     SweepTracker,
     TrackingError,
     silver_ref,
-    track_experiment,
 )
-from tests.conftest import REPO_ROOT
 
 SILVER_SHA = "a" * 64
 GOLD_SHA = "b" * 64
@@ -219,31 +213,3 @@ def test_a_lake_reference_needs_a_sha256(tmp_path: Path) -> None:
     )
     ref = silver_ref(tmp_path, "c" * 64)
     assert ref == SilverRef("silver", "c" * 64, str(directory / "silver.parquet"), SILVER_SHA)
-
-
-def test_track_experiment_logs_a_whole_result(store: tuple[str, Path]) -> None:
-    uri, artifacts = store
-    configs = REPO_ROOT / "configs"
-    experiment = load_spec(configs / "experiments" / "es_derivative_sweep.yaml", ExperimentSpec)
-    serving = load_spec(configs / experiment.serving, ServingSpec)
-    rows = sweep_rows((3,), (0.1, 0.2), (2,))
-    result = ExperimentResult(
-        experiment,
-        serving,
-        GOLD_SHA,
-        SweepCoreResult(tuple(row.point for row in rows), {}),
-        tuple(rows),
-    )
-    parent_id = track_experiment(
-        result, tracking_uri=uri, artifact_root=artifacts, silver_refs=refs()
-    )
-    client = MlflowClient(tracking_uri=uri)
-    parent = client.get_run(parent_id)
-    assert client.get_experiment(parent.info.experiment_id).name == "es_derivative_sweep"
-    assert parent.data.tags["spec.experiment"] == spec_hash(experiment)
-    assert parent.data.tags["spec.serving"] == spec_hash(serving)
-    assert parent.data.tags["spec.gold"] == GOLD_SHA
-    assert parent.data.params["points"] == "2"
-    assert len(children(client, parent)) == 2
-    names = {info.path for info in client.list_artifacts(parent_id)}
-    assert names == {LEADERBOARD_FILE, LAKE_REFS_FILE}
