@@ -391,6 +391,7 @@ class SweepActivities:
                         "silver",
                         ref.path,
                         ref.sha256,
+                        Path(ref.path).stat().st_size,
                     )
             await repo.append_job_event(
                 session,

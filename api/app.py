@@ -1,8 +1,10 @@
 """The API application: ``uvicorn api.app:create_app --factory``.
 
-The lifespan connects one Temporal client and one store engine per process, from the settings;
-routes reach them through the dependencies in :mod:`api.dependencies`. Every router but health
-(and the dev issuer's discovery routes) requires a bearer token (:mod:`api.auth`).
+The lifespan connects one Temporal client, one store engine and one authorizer per process,
+from the settings; routes reach them through the dependencies in :mod:`api.dependencies`. Every
+router but health (and the dev issuer's discovery routes) requires a bearer token
+(:mod:`api.auth`), and every route of theirs declares the relation it needs
+(:mod:`api.access`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,20 @@ from temporalio.client import Client
 
 from api.auth import authentication_for, current_principal
 from api.dependencies import AppState
-from api.problems import UNAUTHORIZED, install_problem_handlers
-from api.routes import experiment_jobs, experiments, health, well_known
+from api.problems import PROTECTED, install_problem_handlers
+from api.routes import (
+    experiment_jobs,
+    experiments,
+    health,
+    live,
+    modeling,
+    promotions,
+    serving,
+    stream,
+    well_known,
+    workspaces,
+)
+from qmachina.authz.setup import close_authorizer, open_authorizer
 from qmachina.settings import Settings, load_settings
 from qmachina.store.database import create_store_engine, session_factory
 
@@ -31,10 +45,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             resolved.temporal_target, namespace=resolved.temporal_namespace
         )
         engine = create_store_engine(resolved.database_url)
-        app.state.qmachina = AppState(resolved, client, session_factory(engine))
+        sessions = session_factory(engine)
+        authorizer = await open_authorizer(resolved, sessions)
+        app.state.qmachina = AppState(resolved, client, sessions, authorizer)
         try:
             yield
         finally:
+            await close_authorizer(authorizer)
             await engine.dispose()
 
     app = FastAPI(
@@ -46,12 +63,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.state.authentication = authentication = authentication_for(resolved)
     app.include_router(health.router)
+    app.include_router(stream.router)  # a WebSocket: it authenticates after the handshake
     if authentication.dev_issuer is not None:
         app.include_router(well_known.router)
-    for router in (experiment_jobs.router, experiments.router):
+    for router in (
+        experiment_jobs.router,
+        experiments.router,
+        workspaces.router,
+        serving.router,
+        promotions.router,
+        modeling.router,
+        live.router,
+    ):
         app.include_router(
             router,
             dependencies=[Depends(current_principal)],
-            responses=UNAUTHORIZED,
+            responses=PROTECTED,
         )
     return app

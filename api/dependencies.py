@@ -4,14 +4,16 @@ workspace a request names."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
+from api.stream_slots import StreamSlots
 from api.workspaces import find_workspace
+from qmachina.authz.authorizer import Authorizer
 from qmachina.settings import Settings
 from qmachina.store.models import Workspace
 
@@ -25,6 +27,9 @@ class AppState:
     settings: Settings
     temporal: Client
     sessions: Sessions
+    authorizer: Authorizer
+    streams: StreamSlots = field(default_factory=StreamSlots)
+    """The serving streams this process has open, per workspace (``max_streams``)."""
 
 
 def app_state(request: Request) -> AppState:

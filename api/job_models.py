@@ -30,14 +30,9 @@ class ExperimentSubmission(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"workspace": "default", "experiment": "experiments/es_derivative_sweep.yaml"}
-            ]
-        },
+        json_schema_extra={"examples": [{"experiment": "experiments/es_derivative_sweep.yaml"}]},
     )
 
-    workspace: WorkspaceSlug = "default"
     experiment: str | None = Field(
         default=None,
         min_length=1,

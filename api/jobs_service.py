@@ -22,12 +22,17 @@ from temporalio.client import (
 )
 from temporalio.service import RPCError
 
+from api.access import WorkspaceAccess
 from api.dependencies import AppState, Sessions
 from api.job_models import ExperimentSubmission
 from api.problems import Issue, JobFinishedError, SpecRejectedError, TemporalUnavailableError
-from api.workspaces import find_workspace
+from api.quotas import reserve_job_slot
 from qmachina.auth import Principal
+from qmachina.authz.authorizer import AuthorizerUnavailableError
+from qmachina.authz.evaluator import AuthzError
+from qmachina.authz.relationships import owned_by
 from qmachina.experiment_archive import INLINE_SPEC, AcceptedExperiment, ExperimentArchive
+from qmachina.experiment_run import metric_at
 from qmachina.settings import Settings
 from qmachina.specs.errors import SpecError, SpecIssue
 from qmachina.specs.pipeline import default_configs_root, default_data_root
@@ -161,15 +166,16 @@ def _accept(roots: SweepRoots, submission: ExperimentSubmission) -> AcceptedExpe
 
 
 async def submit_experiment(
-    state: AppState, submission: ExperimentSubmission, principal: Principal
+    state: AppState, submission: ExperimentSubmission, access: WorkspaceAccess
 ) -> Submission:
-    """Validate the spec, create the queued job (audited as the principal's subject) and start
-    its sweep.
+    """Validate the spec, create the queued job (audited as the caller's subject) within the
+    workspace's quotas, and start its sweep.
 
-    Raises :class:`SpecRejectedError` before anything is written, and
-    :class:`TemporalUnavailableError` (the job then failed) when the workflow cannot start.
+    Raises :class:`SpecRejectedError` and :class:`QuotaExceededError` before anything is
+    written, and :class:`TemporalUnavailableError` (the job then failed) when the job cannot be
+    registered with the authorizer or its workflow cannot start.
     """
-    workspace = await find_workspace(state.sessions, submission.workspace)
+    workspace, principal = access.workspace, access.principal
     roots = sweep_roots(state.settings)
     accepted = await asyncio.to_thread(_accept, roots, submission)
     max_chunks = effective_concurrency(
@@ -178,6 +184,7 @@ async def submit_experiment(
         workspace.max_concurrent_chunks,
     )
     async with state.sessions.begin() as session:
+        await reserve_job_slot(session, workspace)
         job = await repo.create_job(
             session, workspace.id, submission.name or accepted.spec.name, accepted.spec_hash
         )
@@ -203,6 +210,12 @@ async def submit_experiment(
         chunk_points=submission.chunk_points,
         max_concurrent_chunks=max_chunks,
     )
+    try:
+        await state.authorizer.write_tuples([owned_by(workspace.id, "experiment_job", job.id)])
+    except AuthzError as error:
+        message = f"the job could not be registered with the authorizer: {error}"
+        job = await _fail_unstarted(state.sessions, workspace.id, job.id, message)
+        raise AuthorizerUnavailableError(f"experiment job {job.id} failed: {message}") from error
     try:
         await state.temporal.start_workflow(
             ExperimentSweep.run,
@@ -289,10 +302,7 @@ async def _leading_run(
 def run_metric(run: ExperimentRun, path: str) -> float | None:
     """The run's metric at a dotted path (``"test.total_pnl_ticks"``), if it has a number
     there."""
-    value: object = run.metrics
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, Mapping) else None
-    return float(value) if isinstance(value, int | float) else None
+    return metric_at(run.metrics, path)
 
 
 async def cancel_job(
@@ -328,12 +338,6 @@ async def cancel_job(
             ) from error
         counts = await repo.run_counts(session, workspace.id, [job.id])
     return JobView(job, workspace, counts[job.id])
-
-
-async def find_job(sessions: Sessions, workspace: Workspace, job_id: str) -> ExperimentJob:
-    """The workspace's job, or :class:`repo.JobNotFoundError` (a 404)."""
-    async with sessions() as session:
-        return await repo.get_job(session, workspace.id, job_id)
 
 
 async def job_events(

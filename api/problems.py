@@ -1,9 +1,10 @@
 """Every error the API answers has one body, :class:`Problem`, declared in the OpenAPI document.
 
-Services raise domain errors (an unknown workspace, job or run, a rejected spec, a finished job,
-an unreachable Temporal, a refused bearer token); the handlers installed by
-:func:`install_problem_handlers` turn each into its status code and a ``Problem``; a refused
-token's 401 also carries the ``WWW-Authenticate`` challenge of RFC 6750. Request validation
+Services raise domain errors (an unknown workspace, job, run, serving version or alias, a
+rejected spec, a finished job, a run that cannot be served, an unreachable Temporal, a refused
+bearer token); the handlers installed by :func:`install_problem_handlers` turn each into its
+status code and a ``Problem``; a refused token's 401 also carries the ``WWW-Authenticate``
+challenge of RFC 6750. Request validation
 errors become a ``Problem`` too, each field named in ``issues``, so a client reads one shape
 for every 422.
 """
@@ -17,10 +18,25 @@ from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qmachina.auth import AuthenticationError, KeySetUnavailableError, MissingTokenError
+from qmachina.authz.authorizer import AuthorizerUnavailableError
+from qmachina.serving.snapshot import (
+    LineageError,
+    SpecFileNotFoundError,
+    UnservableSnapshotError,
+)
 from qmachina.specs.errors import format_field_path
-from qmachina.store.repository import JobNotFoundError, RunNotFoundError
+from qmachina.store.governance import LastOwnerError, MemberNotFoundError, WorkspaceExistsError
+from qmachina.store.live_sessions import LiveSessionNotFoundError
+from qmachina.store.modeling_sessions import SessionNotFoundError
+from qmachina.store.repository import JobNotFoundError, RunNotFoundError, StoreError
+from qmachina.store.serving_registry import (
+    AliasNotFoundError,
+    InvalidRepointError,
+    VersionNotFoundError,
+)
 
 
 class Issue(BaseModel):
@@ -39,11 +55,20 @@ class Issue(BaseModel):
     line: int | None = Field(default=None, description="1-based line in `file`")
 
 
+class QuotaUse(BaseModel):
+    """A workspace quota a request would exceed."""
+
+    quota: str = Field(description="`max_concurrent_jobs`, `max_streams` or `max_storage_bytes`")
+    limit: int
+    current: int = Field(description="What the workspace uses now")
+
+
 class Problem(BaseModel):
     """The body of every error response."""
 
     detail: str
     issues: list[Issue] = Field(default_factory=list)
+    quota: QuotaUse | None = Field(default=None, description="Set on a 429: the quota reached")
 
 
 class WorkspaceNotFoundError(LookupError):
@@ -54,11 +79,28 @@ class WorkspaceNotFoundError(LookupError):
         self.slug = slug
 
 
-class SpecRejectedError(ValueError):
-    """The submitted experiment spec is invalid; nothing was started."""
+class PromotionNotFoundError(LookupError):
+    """The serving alias has had no promotion."""
 
-    def __init__(self, issues: Sequence[Issue]) -> None:
-        super().__init__(f"the experiment spec is invalid ({len(issues)} problems)")
+    def __init__(self, alias: str) -> None:
+        super().__init__(f"serving alias {alias!r} has no promotion")
+
+
+class PromotionConflictError(RuntimeError):
+    """A promotion of the alias is under way, or a decision is not due."""
+
+
+class ModelingConflictError(RuntimeError):
+    """A modeling session refused a change in its state: a step out of order, an execution
+    not running, a promotion of an unfinished session."""
+
+
+class SpecRejectedError(ValueError):
+    """The submitted spec (an experiment's, a serving spec) is invalid; nothing was started nor
+    registered."""
+
+    def __init__(self, issues: Sequence[Issue], what: str = "experiment spec") -> None:
+        super().__init__(f"the {what} is invalid ({len(issues)} problems)")
         self.issues = list(issues)
 
 
@@ -75,15 +117,39 @@ class TemporalUnavailableError(RuntimeError):
     """Temporal refused or could not be reached; the message says what failed."""
 
 
+class PermissionDeniedError(PermissionError):
+    """The caller may see the object but lacks the relation the route needs."""
+
+    def __init__(self, subject: str, relation: str, target: str) -> None:
+        super().__init__(f"{subject!r} lacks {relation} on {target}")
+        self.relation = relation
+
+
+class QuotaExceededError(RuntimeError):
+    """Starting more would exceed a workspace quota; nothing was started."""
+
+    def __init__(self, workspace: str, use: QuotaUse, what: str) -> None:
+        super().__init__(
+            f"workspace {workspace!r} is at its {use.quota} quota: {what} would exceed the limit "
+            f"of {use.limit} (current use {use.current})"
+        )
+        self.use = use
+
+
 PROBLEM_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
-UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+PROTECTED: dict[int | str, dict[str, Any]] = {
     401: {
         "description": "No valid bearer token; the `WWW-Authenticate` header says why",
         "content": PROBLEM_JSON,
-    }
+    },
+    503: {
+        "description": "The token issuer's key set, the authorizer or Temporal could not be "
+        "reached",
+        "content": PROBLEM_JSON,
+    },
 }
-"""The 401 of every protected route, declared as JSON whatever the route's own media type
-(an event stream's refusal is a JSON ``Problem`` too)."""
+"""What every protected route may answer besides its own responses, declared as JSON whatever
+the route's own media type (an event stream's refusal is a JSON ``Problem`` too)."""
 
 
 def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -109,8 +175,26 @@ STATUS_OF: dict[type[Exception], int] = {
     RunNotFoundError: status.HTTP_404_NOT_FOUND,
     JobFinishedError: status.HTTP_409_CONFLICT,
     TemporalUnavailableError: status.HTTP_503_SERVICE_UNAVAILABLE,
+    PermissionDeniedError: status.HTTP_403_FORBIDDEN,
+    QuotaExceededError: status.HTTP_429_TOO_MANY_REQUESTS,
+    WorkspaceExistsError: status.HTTP_409_CONFLICT,
+    MemberNotFoundError: status.HTTP_404_NOT_FOUND,
+    LastOwnerError: status.HTTP_409_CONFLICT,
+    VersionNotFoundError: status.HTTP_404_NOT_FOUND,
+    PromotionNotFoundError: status.HTTP_404_NOT_FOUND,
+    PromotionConflictError: status.HTTP_409_CONFLICT,
+    ModelingConflictError: status.HTTP_409_CONFLICT,
+    SessionNotFoundError: status.HTTP_404_NOT_FOUND,
+    LiveSessionNotFoundError: status.HTTP_404_NOT_FOUND,
+    AliasNotFoundError: status.HTTP_404_NOT_FOUND,
+    InvalidRepointError: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    LineageError: status.HTTP_409_CONFLICT,
+    SpecFileNotFoundError: status.HTTP_404_NOT_FOUND,
+    UnservableSnapshotError: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    StoreError: status.HTTP_409_CONFLICT,
     AuthenticationError: status.HTTP_401_UNAUTHORIZED,
     KeySetUnavailableError: status.HTTP_503_SERVICE_UNAVAILABLE,
+    AuthorizerUnavailableError: status.HTTP_503_SERVICE_UNAVAILABLE,
 }
 REALM = "qmachina"
 
@@ -139,6 +223,8 @@ async def _answer(request: Request, error: Exception) -> JSONResponse:
         )
     elif isinstance(error, SpecRejectedError):
         body = Problem(detail=str(error), issues=error.issues)
+    elif isinstance(error, QuotaExceededError):
+        body = Problem(detail=str(error), quota=error.use)
     else:
         body = Problem(detail=str(error))
     headers = (
@@ -146,10 +232,29 @@ async def _answer(request: Request, error: Exception) -> JSONResponse:
         if isinstance(error, AuthenticationError)
         else None
     )
-    return JSONResponse(body.model_dump(mode="json"), status_code=code, headers=headers)
+    # ``quota`` is sent only on the refusals it explains.
+    content = body.model_dump(mode="json", exclude=None if body.quota else {"quota"})
+    return JSONResponse(content, status_code=code, headers=headers)
+
+
+async def _answer_http(request: Request, error: Exception) -> JSONResponse:
+    """The framework's own refusals as a :class:`Problem`: a body that cannot be parsed is a
+    422 like every other invalid request; the rest (an unknown path, a method the path does not
+    serve) keep their status and headers."""
+    assert isinstance(error, StarletteHTTPException)
+    if error.status_code == status.HTTP_400_BAD_REQUEST:
+        body = Problem(detail="invalid request", issues=[Issue(field="body", message=error.detail)])
+        return JSONResponse(
+            body.model_dump(mode="json", exclude={"quota"}),
+            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        )
+    content = Problem(detail=str(error.detail)).model_dump(mode="json", exclude={"quota"})
+    return JSONResponse(content, status_code=error.status_code, headers=error.headers)
 
 
 def install_problem_handlers(app: FastAPI) -> None:
-    """Answer every domain error and invalid request with a :class:`Problem`."""
+    """Answer every domain error, invalid request and framework refusal with a
+    :class:`Problem`."""
     for kind in STATUS_OF:
         app.add_exception_handler(kind, _answer)
+    app.add_exception_handler(StarletteHTTPException, _answer_http)

@@ -158,7 +158,7 @@ def run_through_stack(
     timeout = httpx.Timeout(60.0, read=None)
     with httpx.Client(base_url=api, auth=auth, timeout=timeout) as client:
         submitted = time.perf_counter()
-        response = client.post(JOBS_PATH, json={"workspace": workspace, "spec": spec})
+        response = client.post(JOBS_PATH, params={"workspace": workspace}, json={"spec": spec})
         if response.is_error:
             raise SystemExit(f"submission failed: HTTP {response.status_code} {response.text}")
         job = response.json()

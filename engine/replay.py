@@ -89,7 +89,7 @@ _ZSTD_READ_BYTES: Final = 1 << 17
 _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 _DBN_MAGIC: Final = b"DBN"
 _DBN_PRELUDE: Final = 8  # b"DBN" + version byte + u32 metadata length
-_STRUCT_MAPS: Final[dict[int, dict[Any, Any]]] = {
+DBN_STRUCT_MAPS: Final[dict[int, dict[Any, Any]]] = {
     1: SCHEMA_STRUCT_MAP_V1,
     2: SCHEMA_STRUCT_MAP_V2,
     3: SCHEMA_STRUCT_MAP,
@@ -286,7 +286,7 @@ class _DbnFile:
                 "only single-schema files are supported",
             )
         try:
-            struct = _STRUCT_MAPS[self.version][schema]
+            struct = DBN_STRUCT_MAPS[self.version][schema]
         except KeyError as exc:
             raise UnsupportedFileError(self.path, f"schema {schema} is not supported") from exc
         fields = [(name, "u1" if code == "S1" else code) for name, code in struct._dtypes]
@@ -339,7 +339,7 @@ class _DbnFile:
         if len(prelude) < _DBN_PRELUDE:
             raise TruncatedFileError(self.path, "truncated: file ends inside the DBN header")
         version = prelude[3]
-        if version not in _STRUCT_MAPS:
+        if version not in DBN_STRUCT_MAPS:
             raise UnsupportedFileError(
                 self.path, f"DBN version {version} is not supported (supported: 1, 2, 3)"
             )
@@ -391,7 +391,7 @@ def _symbol_map(metadata: Any) -> dict[str, tuple[int, ...]]:
     return result
 
 
-def _mbo_to_events(raw: npt.NDArray[np.void]) -> EventArray:
+def mbo_to_events(raw: npt.NDArray[np.void]) -> EventArray:
     """Copy the envelope fields by name (vectorised; action/side are already ASCII codes)."""
     out = np.empty(len(raw), dtype=EVENT_DTYPE)
     for name in EVENT_DTYPE.names or ():
@@ -633,7 +633,7 @@ def _stream(plans: list[_PlannedFile], end_ns: int | None, batch_size: int) -> I
 
                 keep = _keep_mask(raw, plan.ids, end_ns)
                 selected = raw if keep is None else raw[keep]
-                yield from rebatcher.push(_mbo_to_events(selected))
+                yield from rebatcher.push(mbo_to_events(selected))
                 # ts_recv is sorted (checked above), so nothing later can fall in the window.
                 if end_ns is not None and int(ts[-1]) >= end_ns:
                     yield from rebatcher.flush()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -16,10 +17,23 @@ from rich.table import Table
 from engine.replay import ReplayError
 from engine.signals.registry import SignalError
 from engine.synthetic import write_synthetic_dbn
-from qmachina import local_stack, stack_cli, sweep_cli, workspace_cli
+from qmachina import (
+    authz_cli,
+    gateway_cli,
+    live_cli,
+    local_stack,
+    modeling_cli,
+    promotion_cli,
+    serving_cli,
+    stack_cli,
+    stream_cli,
+    sweep_cli,
+    workspace_cli,
+)
 from qmachina.auth import DevIssuerError, mint_token
 from qmachina.auth.client import TOKEN_VARIABLE, local_user
 from qmachina.book_report import BookReportError, replay_book_lines
+from qmachina.cli_errors import fail, settings_or_fail
 from qmachina.experiment_run import run_experiment
 from qmachina.gold_cli import app as gold_app
 from qmachina.silver_build import BuildProgress, SilverBuildResult, build_silver
@@ -44,6 +58,15 @@ app.add_typer(experiment_app, name="experiment")
 app.add_typer(gold_app, name="gold")
 app.add_typer(sweep_cli.app, name="sweep")
 app.add_typer(workspace_cli.app, name="workspace")
+app.add_typer(serving_cli.app, name="serving")
+app.add_typer(promotion_cli.app, name="promotion")
+app.add_typer(modeling_cli.app, name="model")
+app.add_typer(live_cli.app, name="live")
+app.command("promote")(promotion_cli.promote)
+app.command("rollback")(promotion_cli.rollback)
+app.command("stream")(stream_cli.stream)
+app.command("gateway")(gateway_cli.gateway)
+app.add_typer(authz_cli.app, name="authz")
 app.add_typer(stack_cli.db_app, name="db")
 app.command("up")(stack_cli.up)
 app.command("down")(stack_cli.down)
@@ -57,12 +80,9 @@ DEFAULT_CONFIGS = default_configs_root()
 DEFAULT_PIPELINE = DEFAULT_CONFIGS / "pipelines" / "es_default.yaml"
 DEFAULT_EXPERIMENT = DEFAULT_CONFIGS / "experiments" / "es_derivative_sweep.yaml"
 DEMO_OBJECTIVE = "total_pnl_ticks"  # the shipped experiment's objective
-
-
-def _fail(message: str) -> typer.Exit:
-    # Plain text, never wrapped: error lines name files and are read by people and by scripts.
-    sys.stderr.write(f"error: {message}\n")
-    return typer.Exit(code=2)
+DEMO_ALIAS = "es-demo"
+DEMO_STREAM_BINS = 30
+DEMO_STREAM_SPEED = 1000.0  # times real time: the sample's quiet first hour passes in seconds
 
 
 @book_app.command("replay")
@@ -96,7 +116,7 @@ def book_replay(
         ):
             sys.stdout.write(json.dumps(line, separators=(", ", ": ")) + "\n")
     except (ReplayError, BookReportError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 @silver_app.command("build")
@@ -115,7 +135,7 @@ def silver_build(
             resolved = with_dataset_files(resolved, input_files)
         result = _build_with_progress(resolved, out_dir)
     except (SpecError, ReplayError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     _print_summary(result)
 
 
@@ -197,7 +217,7 @@ def experiment_run(
         with err.status(f"sweeping {experiment.name}"):
             result = run_experiment(experiment, lake_root=lake)
     except (SpecError, ReplayError, SignalError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     rows = result.leaderboard[:top]
     if as_json:
         sys.stdout.write(
@@ -291,11 +311,11 @@ def token(
     """Print a bearer token for the API, minted by the local dev issuer from the key in the
     data directory (made on first use). Use it as `Authorization: Bearer <token>` or
     QMACHINA_TOKEN. With an external issuer (QMACHINA_OIDC_ISSUER), get tokens from it."""
-    settings = stack_cli.settings_or_fail()
+    settings = settings_or_fail()
     try:
         minted = mint_token(settings, local_user() if user is None else user, ttl)
     except DevIssuerError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     sys.stdout.write(minted + "\n")
 
 
@@ -306,33 +326,60 @@ def demo(
     ] = local_stack.DEFAULT_TIMEOUT_S,
 ) -> None:
     """The main job, end to end: start the local stack, build silver from the real ES sample,
-    submit the shipped sweep through the API, follow it, print its leaderboard, and leave the
-    stack running (`qmachina down` stops it)."""
-    settings = stack_cli.settings_or_fail()
+    submit the shipped sweep through the API, follow it, print its leaderboard, register its
+    best run as a serving version, promote it behind the alias `es-demo`, stream its first bins,
+    and leave the stack running (`qmachina down` stops it)."""
+    settings = settings_or_fail()
     stack = stack_cli.start_stack(settings, timeout)
     try:
         resolved = resolve_pipeline(DEFAULT_PIPELINE)
         result = _build_with_progress(resolved, settings.lake_dir)
     except (SpecError, ReplayError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     _print_summary(result)
     experiment = DEFAULT_EXPERIMENT.relative_to(DEFAULT_CONFIGS).as_posix()
     auth = sweep_cli.client_auth(settings, os.environ.get(TOKEN_VARIABLE))
     with sweep_cli.api_client(local_stack.api_url(settings), auth) as client:
         try:
-            job = sweep_cli.submit_job(client, {"workspace": "default", "experiment": experiment})
+            job = sweep_cli.submit_job(client, "default", {"experiment": experiment})
             out.print(f"submitted {experiment} as job {job['id']} (workflow {job['workflow_id']})")
             exit_code = sweep_cli.watch_job(client, job["id"], "default")
             page = sweep_cli.runs_page(
                 client, job["id"], "default", sort=f"train.{DEMO_OBJECTIVE}", top=10
             )
         except sweep_cli.ApiError as error:
-            raise _fail(str(error)) from None
-    out.print(sweep_cli.runs_table(page))
-    out.print("ranked on the training span (first 60 %); test columns are the later 40 %")
+            raise fail(str(error)) from None
+        out.print(sweep_cli.runs_table(page))
+        out.print("ranked on the training span (first 60 %); test columns are the later 40 %")
+        if exit_code == 0 and page["runs"]:
+            exit_code = _serve_best_run(client, auth, job["id"], page["runs"][0]["point_hash"])
     out.print("[bold green]the stack keeps running[/] (`qmachina down` stops it):")
     stack_cli.print_endpoints(stack)
     raise typer.Exit(exit_code)
+
+
+def _serve_best_run(client: httpx.Client, auth: httpx.Auth, job_id: str, point_hash: str) -> int:
+    """Register the run, promote it behind the demo alias, stream its first bins; 0 when it
+    serves."""
+    version = promotion_cli.register_run(client, "default", f"{job_id}:{point_hash}")
+    out.print(f"the best run (point {point_hash[:8]}) is serving version {version[:12]}")
+    view = promotion_cli.promote_version(
+        client,
+        "default",
+        {"version": version, "alias": DEMO_ALIAS, "reason": "demo: the best training-span run"},
+    )
+    promotion_cli.show_promotion(view)
+    if view["state"] != "promoted":
+        return 1
+    query = {"serving": DEMO_ALIAS, "workspace": "default", "speed": str(DEMO_STREAM_SPEED)}
+    summary = stream_cli.follow_stream(
+        str(client.base_url), auth, query, DEMO_STREAM_BINS, echo=False
+    )
+    out.print(
+        f"streamed {summary.bins} bins of {DEMO_ALIAS} (version {summary.version_id[:12]}); "
+        f"last score {summary.last_score}"
+    )
+    return 0
 
 
 if __name__ == "__main__":

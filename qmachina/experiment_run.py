@@ -9,7 +9,7 @@ leaderboard ranks by the training span only; the test span is what it reports.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +140,14 @@ def run_experiment(
         sweep,
         tuple(leaderboard_order(rows, experiment.objective)),
     )
+
+
+def metric_at(metrics: Mapping[str, object], path: str) -> float | None:
+    """The number at a dotted path of a run's metrics (``test.hit_rate``), if there is one."""
+    value: object = metrics
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def leaderboard_order(rows: Iterable[LeaderboardRow], objective: str) -> list[LeaderboardRow]:

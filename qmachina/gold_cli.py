@@ -14,6 +14,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from engine.gold.preview import OutputStats, SilverFileError, preview_gold, read_silver_sample
+from qmachina.cli_errors import fail
 from qmachina.specs.errors import SpecError
 from qmachina.specs.gold import load_gold_spec
 from qmachina.specs.identity import spec_hash
@@ -28,12 +29,6 @@ DEFAULT_SPEC = default_configs_root() / "gold" / "vp_default.yaml"
 @app.callback()
 def gold() -> None:
     """Gold features: the VP block and feature graphs in the gold DSL."""
-
-
-def _fail(message: str) -> typer.Exit:
-    # Plain text, never wrapped: error lines name files and are read by people and by scripts.
-    sys.stderr.write(f"error: {message}\n")
-    return typer.Exit(code=2)
 
 
 @app.command()
@@ -52,7 +47,7 @@ def preview(
         frame = read_silver_sample(silver, bins, start)
         stats = preview_gold(gold_spec.graph(), frame)
     except (SpecError, SilverFileError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     digest = spec_hash(gold_spec)
     if as_json:
         document = {

@@ -44,7 +44,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from qmachina.settings import SETTINGS_FILE_VARIABLE, Settings, variable_names
-from qmachina.store.bootstrap import bootstrap_store
+from qmachina.store.bootstrap import bootstrap_store, default_workspace_owner
 from qmachina.temporal_names import (
     QMACHINA_SEARCH_ATTRIBUTES,
     SWEEP_TASK_QUEUE,
@@ -676,7 +676,7 @@ def _check_ports(settings: Settings) -> None:
 
 async def _bootstrap(settings: Settings) -> str:
     try:
-        return await bootstrap_store(settings.database_url)
+        return await bootstrap_store(settings.database_url, default_workspace_owner(settings))
     except (OSError, SQLAlchemyError, CommandError) as error:
         raise StackError(
             f"the store {mask_password(settings.database_url)} ({_variable('database_url')}) "

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import (
     AliasChoices,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -93,6 +94,18 @@ class Settings(BaseSettings):
         default=None, validation_alias=_standard_name("OPENFGA_API_URL")
     )
     """An OpenFGA server; None: the in-process evaluator of the same model decides."""
+    openfga_store_id: str | None = Field(
+        default=None, validation_alias=_standard_name("OPENFGA_STORE_ID")
+    )
+    """The store on the OpenFGA server (``qmachina authz bootstrap`` creates it)."""
+    openfga_model_id: str | None = Field(
+        default=None, validation_alias=_standard_name("OPENFGA_MODEL_ID")
+    )
+    """The authorization model in that store (``qmachina authz bootstrap`` writes it)."""
+    default_workspace_owner: str | None = None
+    """The subject made owner of the ``default`` workspace when the store is set up; None: the
+    local user with the dev issuer (so ``qmachina token`` and the CLI work out of the box),
+    nobody with an external issuer."""
     configs_dir: Path | None = None
     """The specs the API validates and the workers load; None: the ``configs/`` that ships
     with qMachina."""
@@ -111,6 +124,15 @@ class Settings(BaseSettings):
     """The signature algorithms accepted from the external issuer (the dev issuer signs ES256)."""
     token_ttl_seconds: int = Field(default=3600, ge=60, le=MAX_TOKEN_TTL_SECONDS)
     """How long a token minted by the dev issuer stays valid."""
+    databento_api_key: SecretStr | None = Field(
+        default=None, validation_alias=_standard_name("DATABENTO_API_KEY")
+    )
+    """The key live ingestion authenticates with; read by the workers, never sent to Temporal
+    nor logged."""
+    databento_live_gateway: str | None = None
+    """A Databento-compatible live gateway (``qmachina gateway`` for development); None:
+    Databento's own."""
+    databento_live_port: int = Field(default=13000, ge=1, le=65535)
 
     @property
     def temporal_target(self) -> str:

@@ -16,8 +16,9 @@ from rich.status import Status
 from rich.text import Text
 
 from qmachina import local_stack
+from qmachina.cli_errors import fail, settings_or_fail
 from qmachina.local_stack import ComponentStatus, Progress, StackError
-from qmachina.settings import Settings, SettingsError, load_settings
+from qmachina.settings import Settings
 
 db_app = typer.Typer(help="The control-plane store.")
 
@@ -26,19 +27,6 @@ err = Console(stderr=True, soft_wrap=True, highlight=False)
 out = Console(soft_wrap=True, highlight=False)
 
 STATE_STYLES = {"healthy": "green", "unhealthy": "yellow", "stopped": "red", "external": "cyan"}
-
-
-def _fail(message: str) -> typer.Exit:
-    # Plain text, never wrapped: error lines name files and are read by people and by scripts.
-    sys.stderr.write(f"error: {message}\n")
-    return typer.Exit(code=2)
-
-
-def settings_or_fail() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as error:
-        raise _fail(str(error)) from None
 
 
 def _show(message: str) -> None:
@@ -55,7 +43,7 @@ def start_stack(settings: Settings, timeout: float) -> local_stack.UpResult:
         with err.status("starting the local stack") as spinner:
             result = local_stack.up(settings, _on_spinner(spinner), timeout)
     except StackError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: what this `up` had started is stopped again\n")
         raise typer.Exit(code=130) from None
@@ -95,7 +83,7 @@ def down() -> None:
         with err.status("stopping the local stack") as spinner:
             lines = local_stack.down(settings, _on_spinner(spinner))
     except StackError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     for line in lines:
         out.print(Text(line))
 
@@ -116,7 +104,7 @@ def status(
     try:
         components = local_stack.status(settings)
     except StackError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     if as_json:
         sys.stdout.write(
             json.dumps(
@@ -161,6 +149,6 @@ def db_upgrade() -> None:
         with err.status("migrating the store"):
             workspace_id = local_stack.upgrade_store(settings)
     except StackError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     store = local_stack.mask_password(settings.database_url)
     out.print(Text(f"{store} is at head; default workspace {workspace_id}"))

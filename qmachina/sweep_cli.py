@@ -9,7 +9,6 @@ token: ``--token`` / ``QMACHINA_TOKEN``, else one minted for the local user by t
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,7 +25,8 @@ from rich.table import Table
 
 from qmachina.auth import DevIssuerError
 from qmachina.auth.client import TOKEN_VARIABLE, StaticBearer, api_auth
-from qmachina.settings import Settings, SettingsError, load_settings
+from qmachina.cli_errors import fail, settings_or_fail
+from qmachina.settings import Settings
 from qmachina.specs.pipeline import default_configs_root
 from qmachina.specs.yaml_loader import load_yaml_document
 
@@ -73,23 +73,11 @@ class ApiError(Exception):
     """The API answered with an error, or could not be reached; the message says which."""
 
 
-def _fail(message: str) -> typer.Exit:
-    sys.stderr.write(f"error: {message}\n")
-    return typer.Exit(code=2)
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as error:
-        raise _fail(str(error)) from None
-
-
 def api_base_url(api: str | None) -> str:
     """``--api``, else the API the settings describe."""
     if api:
         return api.rstrip("/")
-    settings = _settings()
+    settings = settings_or_fail()
     return f"http://{settings.api_host}:{settings.api_port}"
 
 
@@ -125,7 +113,7 @@ def _field_path(field: str) -> list[str | int]:
     return path
 
 
-def _request(
+def api_request(
     client: httpx.Client,
     method: str,
     path: str,
@@ -133,6 +121,9 @@ def _request(
     spec_file: Path | None = None,
     **kwargs: Any,
 ) -> Any:
+    """The API's JSON answer (None for a 204). An error it answers raises :class:`ApiError` with
+    its problem as lines (fields of an inline spec located in ``spec_file``), as does failing to
+    reach it."""
     try:
         response = client.request(method, path, **kwargs)
     except httpx.TransportError as error:
@@ -142,7 +133,7 @@ def _request(
         ) from None
     if response.is_error:
         raise ApiError("\n".join(_hinted(_problem_lines(response, spec_file), response)))
-    return response.json()
+    return None if response.status_code == httpx.codes.NO_CONTENT else response.json()
 
 
 def _hinted(lines: list[str], response: httpx.Response) -> list[str]:
@@ -161,20 +152,24 @@ def client_auth(settings: Settings, token: str | None) -> httpx.Auth:
     try:
         return api_auth(settings, token)
     except DevIssuerError as error:
-        raise _fail(f"{error}; pass it with --token or {TOKEN_VARIABLE}") from None
+        raise fail(f"{error}; pass it with --token or {TOKEN_VARIABLE}") from None
 
 
-def _client(api: str | None, token: str | None) -> httpx.Client:
-    auth = StaticBearer(token) if token else client_auth(_settings(), None)
+def connect_api(api: str | None, token: str | None) -> httpx.Client:
+    """A client of the API (``--api``, else the settings') sending ``--token``, else the dev
+    issuer's tokens for the local user."""
+    auth = StaticBearer(token) if token else client_auth(settings_or_fail(), None)
     return api_client(api_base_url(api), auth)
 
 
 def submit_job(
-    client: httpx.Client, body: Mapping[str, Any], spec_file: Path | None = None
+    client: httpx.Client, workspace: str, body: Mapping[str, Any], spec_file: Path | None = None
 ) -> dict[str, Any]:
-    """POST the submission; the API's problems (422: every bad field) raise :class:`ApiError`,
-    located in ``spec_file`` when the spec was sent inline from it."""
-    job: dict[str, Any] = _request(client, "POST", JOBS_PATH, json=body, spec_file=spec_file)
+    """POST the submission to the workspace; the API's problems (422: every bad field) raise
+    :class:`ApiError`, located in ``spec_file`` when the spec was sent inline from it."""
+    job: dict[str, Any] = api_request(
+        client, "POST", JOBS_PATH, params={"workspace": workspace}, json=body, spec_file=spec_file
+    )
     return job
 
 
@@ -194,16 +189,16 @@ def runs_page(
         "order": "asc" if ascending else "desc",
         "limit": top,
     }
-    page: dict[str, Any] = _request(client, "GET", f"{JOBS_PATH}/{job_id}/runs", params=params)
+    page: dict[str, Any] = api_request(client, "GET", f"{JOBS_PATH}/{job_id}/runs", params=params)
     return page
 
 
 def submission_of(
-    experiment: Path, workspace: str, chunk_points: int | None, max_concurrent: int | None
+    experiment: Path, chunk_points: int | None, max_concurrent: int | None
 ) -> dict[str, Any]:
     """A spec under the configs root is submitted by path (the workers read the same file);
     any other file is submitted inline."""
-    body: dict[str, Any] = {"workspace": workspace}
+    body: dict[str, Any] = {}
     resolved = experiment.resolve()
     configs = default_configs_root().resolve()
     if resolved.is_relative_to(configs):
@@ -212,9 +207,9 @@ def submission_of(
         try:
             body["spec"] = yaml.safe_load(experiment.read_text())
         except (OSError, yaml.YAMLError) as error:
-            raise _fail(f"{experiment}: {error}") from None
+            raise fail(f"{experiment}: {error}") from None
         if not isinstance(body["spec"], dict):
-            raise _fail(f"{experiment}: an ExperimentSpec is a mapping, not {type(body['spec'])}")
+            raise fail(f"{experiment}: an ExperimentSpec is a mapping, not {type(body['spec'])}")
     if chunk_points is not None:
         body["chunk_points"] = chunk_points
     if max_concurrent is not None:
@@ -238,14 +233,14 @@ def submit(
 ) -> None:
     """Submit a sweep; the API validates the spec first and names every bad field."""
     if not experiment.is_file():
-        raise _fail(f"{experiment}: file not found")
-    body = submission_of(experiment, workspace, chunk_points, max_concurrent_chunks)
+        raise fail(f"{experiment}: file not found")
+    body = submission_of(experiment, chunk_points, max_concurrent_chunks)
     inline = experiment if "spec" in body else None
-    with _client(api, token) as client:
+    with connect_api(api, token) as client:
         try:
-            job = submit_job(client, body, inline)
+            job = submit_job(client, workspace, body, inline)
         except ApiError as error:
-            raise _fail(str(error)) from None
+            raise fail(str(error)) from None
         out.print(f"submitted job [bold]{job['id']}[/] ({job['name']}) in workspace {workspace}")
         out.print(f"  workflow {job['workflow_id']}, spec {job['spec_hash'][:12]}")
         if watch_progress:
@@ -262,11 +257,13 @@ def status(
     token: TokenOption = None,
 ) -> None:
     """A job's state, progress and best run so far."""
-    with _client(api, token) as client:
+    with connect_api(api, token) as client:
         try:
-            job = _request(client, "GET", f"{JOBS_PATH}/{job_id}", params={"workspace": workspace})
+            job = api_request(
+                client, "GET", f"{JOBS_PATH}/{job_id}", params={"workspace": workspace}
+            )
         except ApiError as error:
-            raise _fail(str(error)) from None
+            raise fail(str(error)) from None
     if as_json:
         out.print_json(json.dumps(job))
         return
@@ -294,13 +291,13 @@ def cancel(
     token: TokenOption = None,
 ) -> None:
     """Stop a sweep: no new chunk starts, running ones stop, finished points are kept."""
-    with _client(api, token) as client:
+    with connect_api(api, token) as client:
         try:
-            job = _request(
+            job = api_request(
                 client, "POST", f"{JOBS_PATH}/{job_id}/cancel", params={"workspace": workspace}
             )
         except ApiError as error:
-            raise _fail(str(error)) from None
+            raise fail(str(error)) from None
     out.print(f"cancel requested for job {job['id']} (now {job['status']})")
 
 
@@ -312,7 +309,7 @@ def watch(
     token: TokenOption = None,
 ) -> None:
     """Follow a sweep to its end with a live progress bar; exit 0 only if it succeeded."""
-    with _client(api, token) as client:
+    with connect_api(api, token) as client:
         raise typer.Exit(watch_job(client, job_id, workspace))
 
 
@@ -329,11 +326,11 @@ def runs(
     token: TokenOption = None,
 ) -> None:
     """The job's runs, sorted by a metric."""
-    with _client(api, token) as client:
+    with connect_api(api, token) as client:
         try:
             page = runs_page(client, job_id, workspace, sort=sort, top=top, ascending=ascending)
         except ApiError as error:
-            raise _fail(str(error)) from None
+            raise fail(str(error)) from None
     out.print(runs_table(page))
 
 
@@ -461,7 +458,7 @@ def watch_job(client: httpx.Client, job_id: str, workspace: str) -> int:
                     final = payload
                     bar.update(task, note=payload["state"])
     except ApiError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     state = final.get("state", "unknown")
     out.print(
         f"job {job_id} {state}: {final.get('succeeded', 0)} points succeeded, "

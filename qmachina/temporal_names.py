@@ -24,6 +24,40 @@ def sweep_workflow_id(workspace_id: str, job_id: str) -> str:
     return f"sweep-{workspace_id}-{job_id}"
 
 
+PROMOTION_TASK_QUEUE = SWEEP_TASK_QUEUE
+"""Promotions run on the sweep workers' queue: one worker process serves both."""
+PROMOTION_JOB_KIND = "promotion"
+"""The ``JobKind`` of a promotion."""
+
+
+def promotion_workflow_id(workspace_id: str, alias: str) -> str:
+    """The workflow ID of an alias's promotion: one running promotion per alias."""
+    return f"promotion-{workspace_id}-{alias}"
+
+
+MODELING_TASK_QUEUE = SWEEP_TASK_QUEUE
+"""Modeling sessions run on the sweep workers' queue, beside the sweeps they start."""
+MODELING_JOB_KIND = "modeling_session"
+"""The ``JobKind`` of a Create-a-Model session."""
+
+
+def modeling_workflow_id(workspace_id: str, session_id: str) -> str:
+    """The workflow ID of a modeling session."""
+    return f"modeling-{workspace_id}-{session_id}"
+
+
+LIVE_TASK_QUEUE = SWEEP_TASK_QUEUE
+"""Live ingestion sessions run on the same workers (each holds one activity slot while it
+runs)."""
+LIVE_JOB_KIND = "live_session"
+"""The ``JobKind`` of a live ingestion session."""
+
+
+def live_workflow_id(workspace_id: str, session_id: str) -> str:
+    """The workflow ID of a live ingestion session."""
+    return f"live-{workspace_id}-{session_id}"
+
+
 WORKSPACE_ATTRIBUTE = SearchAttributeKey.for_keyword("Workspace")
 """The workspace the workflow works for."""
 JOB_KIND_ATTRIBUTE = SearchAttributeKey.for_keyword("JobKind")

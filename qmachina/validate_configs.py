@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,6 +222,31 @@ def validate_experiment(
     :class:`SpecError` listing every problem found."""
     configs = root or default_configs_root()
     return _Validator(configs, data_root or default_data_root()).experiment(path)
+
+
+def validate_serving(
+    path: Path,
+    *,
+    root: Path | None = None,
+    data_root: Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> ServingSpec:
+    """Validate one serving spec wherever it lives, its references resolved under ``root``: the
+    checks ``qmachina config validate`` runs on a file under ``serving/`` (the model, the
+    referenced pipeline and gold spec, every signal parameter, the stream schema).
+    ``overrides`` replace top-level fields of the file before it is checked (a sweep point's
+    signal and scoring), so they pass exactly the same checks; their issues are located at the
+    line of the field they replace. Raises :class:`SpecError` listing every problem found."""
+    configs = root or default_configs_root()
+    validator = _Validator(configs, data_root or default_data_root())
+    document = load_yaml_document(path)
+    if overrides:
+        if not isinstance(document.data, dict):
+            raise SpecError([document.issue((), "expected a mapping of fields")])
+        document = YamlDocument(document.file, {**document.data, **overrides}, document.lines)
+    spec = validate_document(document, ServingSpec)
+    validator.serving_model(document, spec)
+    return spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:

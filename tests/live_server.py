@@ -10,13 +10,24 @@ import threading
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 from temporalio.testing import WorkflowEnvironment
 
+from api.app import create_app
+from qmachina.auth import mint_token
+from qmachina.authz.authorizer import bootstrap_openfga
+from qmachina.authz.openfga_ids import record_openfga_ids
+from qmachina.settings import Settings, load_settings
+from qmachina.store.bootstrap import bootstrap_store
+from qmachina.store.database import create_store_engine, default_sqlite_url, session_factory
 from qmachina.temporal_names import QMACHINA_SEARCH_ATTRIBUTES
+
+if TYPE_CHECKING:  # the double serves itself with BackgroundLoop
+    from tests.openfga_double import OpenFgaDouble
 
 TEMPORAL = Path(sys.executable).parent / "temporal"
 
@@ -45,9 +56,13 @@ class BackgroundLoop:
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 90.0) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
-    async def serve(self, app: FastAPI) -> str:
-        """Serve ``app`` with uvicorn on a free port until the loop closes; its URL."""
+    async def serve(self, app: FastAPI, *, send_buffer: int | None = None) -> str:
+        """Serve ``app`` with uvicorn on a free port until the loop closes; its URL. With
+        ``send_buffer``, accepted sockets keep a send buffer of that many bytes (no autotuning),
+        so a client that reads nothing pushes back soon, as one on a slow link would."""
         listener = socket.socket()
+        if send_buffer is not None:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         listener.bind(("127.0.0.1", 0))
         server = uvicorn.Server(
             uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
@@ -74,3 +89,52 @@ class BackgroundLoop:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()
+
+
+class ServedApi(BackgroundLoop):
+    """A SQLite store under ``data_dir`` brought to head, a Temporal dev server, store sessions,
+    and the app served by uvicorn, deciding through ``openfga`` when given (its store and model
+    bootstrapped and recorded in the data directory). Subclasses add settings
+    (:meth:`more_settings`) and helpers; :meth:`as_user` is an HTTP client carrying a token."""
+
+    def __init__(self, name: str, data_dir: Path, openfga: OpenFgaDouble | None = None) -> None:
+        self.data_dir = data_dir
+        self.store_url = default_sqlite_url(data_dir)
+        self.openfga = openfga
+        super().__init__(name)
+
+    async def start(self) -> None:
+        await bootstrap_store(self.store_url)
+        if self.openfga is not None:
+            self.openfga_ids = await bootstrap_openfga(self.openfga.url)
+            record_openfga_ids(self.data_dir, self.openfga.url, self.openfga_ids)
+        env = await self.resources.enter_async_context(await start_dev_server())
+        self.temporal_address = env.client.service_client.config.target_host
+        engine = create_store_engine(self.store_url)
+        self.resources.push_async_callback(engine.dispose)
+        self.sessions = session_factory(engine)
+        self.app = create_app(self.settings())
+        self.base_url = await self.serve(self.app)
+
+    def more_settings(self) -> dict[str, Any]:
+        """Settings of the subclass's own (a configs root, a data root...)."""
+        return {}
+
+    def settings(self) -> Settings:
+        return load_settings(
+            data_dir=self.data_dir,
+            database_url=self.store_url,
+            temporal_address=self.temporal_address,
+            openfga_api_url=None if self.openfga is None else self.openfga.url,
+            **self.more_settings(),
+        )
+
+    def token(self, subject: str) -> str:
+        return mint_token(self.settings(), subject)
+
+    def as_user(self, subject: str, timeout: float = 60.0) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {self.token(subject)}"},
+        )

@@ -14,7 +14,16 @@ import pytest
 from fastapi.routing import APIRoute
 
 from api.app import create_app
-from api.routes import experiment_jobs, experiments, health
+from api.routes import (
+    experiment_jobs,
+    experiments,
+    health,
+    live,
+    modeling,
+    promotions,
+    serving,
+    workspaces,
+)
 from qmachina.settings import load_settings
 from qmachina.store.models import JOB_STATUSES, RUN_STATUSES
 from workflows.experiment_sweep import SweepProgress
@@ -29,27 +38,106 @@ class Operation:
     response: str | None
     errors: frozenset[str]
     body: str | None = None
+    also: frozenset[str] = frozenset()
+    """Other successes, answering the same model (a registration of known content: 200)."""
 
 
-LOOKUP_ERRORS = frozenset({"401", "404", "422"})
+LOOKUP_ERRORS = frozenset({"401", "404", "422", "503"})
+"""Every protected route: no token (401), the object unseen (404), a bad request (422), and an
+issuer, authorizer or Temporal out of reach (503)."""
+REFUSABLE = LOOKUP_ERRORS | {"403"}
+"""A route that needs more than reading: a member without the relation is refused (403)."""
 PUBLIC = {("get", "/v1/health")}
+WS = "/v1/workspaces/{workspace}"
+SERVING = "/v1/serving"
+SESSIONS = "/v1/modeling/sessions"
+SESSION = f"{SESSIONS}/{{session_id}}"
+LIVE = "/v1/ingestion/live/sessions"
 CONTRACT = {
     ("get", "/v1/health"): Operation("200", "Health", frozenset()),
     ("post", "/v1/jobs/experiments"): Operation(
-        "202",
-        "SubmittedJob",
-        frozenset({"401", "404", "422", "503"}),
-        body="ExperimentSubmission",
+        "202", "SubmittedJob", REFUSABLE | {"429"}, body="ExperimentSubmission"
     ),
     ("get", "/v1/jobs/experiments"): Operation("200", "JobList", LOOKUP_ERRORS),
     ("get", JOB): Operation("200", "JobDetail", LOOKUP_ERRORS),
-    ("post", f"{JOB}/cancel"): Operation(
-        "202", "Job", frozenset({"401", "404", "409", "422", "503"})
-    ),
+    ("post", f"{JOB}/cancel"): Operation("202", "Job", REFUSABLE | {"409"}),
+    ("put", f"{JOB}/shares/{{target}}"): Operation("204", None, REFUSABLE | {"409"}),
+    ("delete", f"{JOB}/shares/{{target}}"): Operation("204", None, REFUSABLE),
     ("get", f"{JOB}/events"): Operation("200", None, LOOKUP_ERRORS),
     ("get", f"{JOB}/runs"): Operation("200", "RunPage", LOOKUP_ERRORS),
     ("get", f"{JOB}/runs/{{point_hash}}"): Operation("200", "RunDetail", LOOKUP_ERRORS),
     ("get", "/v1/experiments"): Operation("200", "ExperimentList", LOOKUP_ERRORS),
+    ("post", "/v1/workspaces"): Operation(
+        "201", "Workspace", frozenset({"401", "409", "422", "503"}), body="WorkspaceCreate"
+    ),
+    ("get", "/v1/workspaces"): Operation("200", "WorkspaceList", frozenset({"401", "503"})),
+    ("get", WS): Operation("200", "WorkspaceDetail", LOOKUP_ERRORS),
+    ("get", f"{WS}/members"): Operation("200", "MemberList", LOOKUP_ERRORS),
+    ("put", f"{WS}/members/{{subject}}"): Operation(
+        "200", "MemberChange", REFUSABLE | {"409"}, body="MemberRole"
+    ),
+    ("delete", f"{WS}/members/{{subject}}"): Operation("204", None, REFUSABLE | {"409"}),
+    ("get", f"{WS}/quotas"): Operation("200", "WorkspaceQuotas", LOOKUP_ERRORS),
+    ("patch", f"{WS}/quotas"): Operation("200", "WorkspaceQuotas", REFUSABLE, body="QuotaPatch"),
+    ("get", f"{WS}/audit"): Operation("200", "AuditPage", REFUSABLE),
+    ("post", f"{SERVING}/versions"): Operation(
+        "201",
+        "RegisteredVersion",
+        REFUSABLE | {"409"},
+        body="VersionRegistration",
+        also=frozenset({"200"}),
+    ),
+    ("get", f"{SERVING}/versions"): Operation("200", "VersionList", LOOKUP_ERRORS),
+    ("get", f"{SERVING}/versions/{{version_id}}"): Operation(
+        "200", "ServingVersionDetail", LOOKUP_ERRORS | {"409"}
+    ),
+    ("get", f"{SERVING}/aliases"): Operation("200", "AliasList", LOOKUP_ERRORS),
+    ("get", f"{SERVING}/aliases/{{alias}}"): Operation("200", "AliasDetail", LOOKUP_ERRORS),
+    ("put", f"{SERVING}/aliases/{{alias}}"): Operation(
+        "200", "AliasChange", REFUSABLE | {"409"}, body="AliasRepoint"
+    ),
+    ("post", f"{SERVING}/aliases/{{alias}}/rollback"): Operation(
+        "200", "AliasChange", REFUSABLE | {"409"}, body="AliasRollback"
+    ),
+    ("get", f"{SERVING}/diff"): Operation("200", "SnapshotDiff", LOOKUP_ERRORS | {"409"}),
+    ("post", f"{SERVING}/promotions"): Operation(
+        "202", "PromotionView", REFUSABLE | {"409"}, body="PromotionStart"
+    ),
+    ("get", f"{SERVING}/promotions/{{alias}}"): Operation("200", "PromotionView", LOOKUP_ERRORS),
+    ("post", f"{SERVING}/promotions/{{alias}}/decision"): Operation(
+        "200", "PromotionView", REFUSABLE | {"409"}, body="DecisionBody"
+    ),
+    ("post", SESSIONS): Operation("201", "SessionView", REFUSABLE, body="SessionStart"),
+    ("get", SESSIONS): Operation("200", "SessionPage", LOOKUP_ERRORS),
+    ("get", SESSION): Operation("200", "SessionView", LOOKUP_ERRORS),
+    ("post", f"{SESSION}/steps/{{step}}/commit"): Operation(
+        "200", "SessionView", REFUSABLE | {"409", "429"}, body="StepCommitBody"
+    ),
+    ("post", f"{SESSION}/steps/{{step}}/reopen"): Operation(
+        "200", "SessionView", REFUSABLE | {"409"}, body="StepReopenBody"
+    ),
+    ("post", f"{SESSION}/manual"): Operation(
+        "200", "SessionView", REFUSABLE | {"409"}, body="ManualModelBody"
+    ),
+    ("post", f"{SESSION}/execution/cancel"): Operation(
+        "200", "SessionView", REFUSABLE | {"409"}, body="ActionBody"
+    ),
+    ("post", f"{SESSION}/promote"): Operation(
+        "200", "SessionView", REFUSABLE | {"409"}, body="ActionBody"
+    ),
+    ("get", f"{SESSION}/decisions"): Operation("200", "DecisionLog", LOOKUP_ERRORS),
+    ("post", f"{SESSION}/preview/silver"): Operation(
+        "200", "SilverPreview", LOOKUP_ERRORS, body="PreviewBody"
+    ),
+    ("post", f"{SESSION}/preview/gold"): Operation(
+        "200", "GoldPreview", LOOKUP_ERRORS, body="PreviewBody"
+    ),
+    ("post", LIVE): Operation("201", "LiveSessionView", REFUSABLE, body="LiveSessionStart"),
+    ("get", LIVE): Operation("200", "LiveSessionPage", LOOKUP_ERRORS),
+    ("get", f"{LIVE}/{{session_id}}"): Operation("200", "LiveSessionView", LOOKUP_ERRORS),
+    ("post", f"{LIVE}/{{session_id}}/stop"): Operation(
+        "202", "LiveSessionView", REFUSABLE, body="StopBody"
+    ),
 }
 
 
@@ -70,9 +158,19 @@ def document(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_every_route_is_declared_under_v1(document: dict[str, Any]) -> None:
-    routers = (health.router, experiment_jobs.router, experiments.router)
+    routers = (
+        health.router,
+        experiment_jobs.router,
+        experiments.router,
+        workspaces.router,
+        serving.router,
+        promotions.router,
+        modeling.router,
+        live.router,
+    )
     served = {
-        (method.lower(), route.path)
+        # The document names a path parameter without its Starlette converter (`:path`).
+        (method.lower(), route.path.replace(":path}", "}"))
         for router in routers
         for route in router.routes
         if isinstance(route, APIRoute)
@@ -95,10 +193,11 @@ def test_each_route_declares_its_models(document: dict[str, Any], method: str, p
         body = operation["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": SCHEMAS + expected.body}
     responses = operation["responses"]
-    assert set(responses) == {expected.success} | expected.errors
+    assert set(responses) == {expected.success} | expected.also | expected.errors
     if expected.response is not None:
-        success = responses[expected.success]["content"]["application/json"]["schema"]
-        assert success == {"$ref": SCHEMAS + expected.response}
+        for code in {expected.success} | expected.also:
+            success = responses[code]["content"]["application/json"]["schema"]
+            assert success == {"$ref": SCHEMAS + expected.response}, code
     for code in expected.errors:
         assert responses[code]["content"] == {
             "application/json": {"schema": {"$ref": SCHEMAS + "Problem"}}
@@ -129,7 +228,8 @@ def test_the_bearer_scheme_is_declared(document: dict[str, Any]) -> None:
 def test_every_error_is_a_problem(document: dict[str, Any]) -> None:
     schemas = document["components"]["schemas"]
     assert "HTTPValidationError" not in schemas  # FastAPI's default 422 body is replaced
-    assert set(schemas["Problem"]["properties"]) == {"detail", "issues"}
+    assert set(schemas["Problem"]["properties"]) == {"detail", "issues", "quota"}
+    assert set(schemas["QuotaUse"]["properties"]) == {"quota", "limit", "current"}
     assert set(schemas["Issue"]["properties"]) == {"field", "message", "file", "line"}
 
 
@@ -179,12 +279,41 @@ def test_progress_is_the_workflows_own_type(document: dict[str, Any]) -> None:
 def test_a_submission_names_one_source(document: dict[str, Any]) -> None:
     submission = document["components"]["schemas"]["ExperimentSubmission"]
     assert submission["additionalProperties"] is False
-    assert submission["properties"]["workspace"]["default"] == "default"
     assert set(submission["properties"]) == {
-        "workspace",
         "experiment",
         "spec",
         "name",
         "chunk_points",
         "max_concurrent_chunks",
     }
+
+
+def test_a_serving_snapshot_is_declared_with_its_specs(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    snapshot = schemas["ServingSnapshot"]["properties"]
+    assert set(snapshot) == {"version_id", "content", "lineage"}
+    content = schemas["ServingContent"]["properties"]
+    assert content["gold"] == {"$ref": SCHEMAS + "GoldSnapshot"}
+    assert schemas["GoldSnapshot"]["properties"]["spec"] == {"$ref": SCHEMAS + "GoldSpec"}
+    assert schemas["PipelineSnapshot"]["properties"]["instrument"] == {
+        "$ref": SCHEMAS + "InstrumentConfig"
+    }
+    lineage = schemas["Lineage"]["properties"]
+    assert {"dataset_files", "experiment_job_id", "run_point_hash", "code_version"} <= set(lineage)
+    # A registration names exactly one source: each shape refuses the other's fields.
+    assert schemas["VersionRegistration"]["anyOf"] == [
+        {"$ref": SCHEMAS + "SpecRegistration"},
+        {"$ref": SCHEMAS + "RunRegistration"},
+    ]
+    for shape, fields in (
+        ("SpecRegistration", {"spec"}),
+        ("RunRegistration", {"job_id", "point_hash"}),
+    ):
+        assert schemas[shape]["additionalProperties"] is False
+        assert set(schemas[shape]["properties"]) == set(schemas[shape]["required"]) == fields
+    assert schemas["DiffEntry"]["properties"]["change"]["enum"] == [
+        "changed",
+        "added",
+        "removed",
+        "reordered",
+    ]

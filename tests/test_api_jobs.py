@@ -29,7 +29,7 @@ from qmachina.settings import Settings, load_settings
 from qmachina.specs.experiment import ExperimentSpec
 from qmachina.specs.identity import spec_hash
 from qmachina.specs.yaml_loader import load_spec
-from qmachina.store import repository as repo
+from qmachina.store import governance
 from qmachina.store.bootstrap import bootstrap_store
 from qmachina.store.database import create_store_engine, default_sqlite_url, session_factory
 from qmachina.store.models import AuditEvent, ExperimentJob, ExperimentRun
@@ -73,7 +73,7 @@ class LiveApi(BackgroundLoop):
         return load_settings(**(values | overrides))
 
     async def start(self) -> None:
-        self.default_workspace_id = await bootstrap_store(self.store_url)
+        self.default_workspace_id = await bootstrap_store(self.store_url, owner=SUBJECT)
         env = await self.resources.enter_async_context(await start_dev_server())
         self.client: Client = env.client
         engine = create_store_engine(self.store_url)
@@ -93,9 +93,14 @@ class LiveApi(BackgroundLoop):
         )
 
     async def add_workspace(self, slug: str, max_concurrent_chunks: int | None = None) -> str:
+        """A workspace owned by :data:`SUBJECT`."""
         async with self.sessions.begin() as session:
-            workspace = await repo.create_workspace(session, slug, slug.title())
-            await repo.set_workspace_chunk_limit(session, workspace.id, max_concurrent_chunks)
+            workspace = await governance.create_owned_workspace(
+                session, slug, slug.title(), SUBJECT
+            )
+            await governance.set_quotas(
+                session, workspace.id, {"max_concurrent_chunks": max_concurrent_chunks}
+            )
             return workspace.id
 
     async def jobs(self) -> list[ExperimentJob]:
@@ -354,13 +359,12 @@ def test_a_bad_spec_is_rejected_with_every_field_and_nothing_starts(api: LiveApi
 def test_cancel_ends_the_job_canceled_within_the_workspace_bound(api: LiveApi) -> None:
     workspace_id = api.run(api.add_workspace("limited", max_concurrent_chunks=1))
     body = {
-        "workspace": "limited",
         "experiment": "experiments/es_derivative_sweep.yaml",
         "chunk_points": 2,
         "max_concurrent_chunks": 3,
     }
     with api.http() as http:
-        submitted = http.post(JOBS, json=body)
+        submitted = http.post(JOBS, params={"workspace": "limited"}, json=body)
         assert submitted.status_code == 202, submitted.text
         job_id = submitted.json()["id"]
         running = http.get(f"{JOBS}/{job_id}", params={"workspace": "limited"}).json()

@@ -28,6 +28,8 @@ from fastapi.routing import iter_route_contexts
 from jwt import PyJWK
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from typer.testing import CliRunner
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from api.app import create_app
 from qmachina.auth import (
@@ -52,8 +54,10 @@ from qmachina.auth import (
 from qmachina.auth.dev_issuer import key_file
 from qmachina.cli import app as cli
 from qmachina.settings import Settings, SettingsError, load_settings, variable_names
+from qmachina.store import governance
+from qmachina.store import repository as repo
 from qmachina.store.bootstrap import bootstrap_store
-from qmachina.store.database import default_sqlite_url
+from qmachina.store.database import create_store_engine, default_sqlite_url, session_factory
 from tests.live_server import BackgroundLoop, start_dev_server
 
 T = TypeVar("T")
@@ -81,7 +85,18 @@ class AuthStack(BackgroundLoop):
         super().__init__("auth-stack")
 
     async def start(self) -> None:
-        await bootstrap_store(self.store_url)
+        """The store's default workspace is owned by alice; carol (of the external issuer) and
+        whoever runs the tests (the CLI's own subject) read it."""
+        await bootstrap_store(self.store_url, owner="alice")
+        engine = create_store_engine(self.store_url)
+        try:
+            async with session_factory(engine).begin() as session:
+                default = await repo.workspace_by_slug(session, "default")
+                assert default is not None
+                for subject in ("carol", getpass.getuser()):
+                    await governance.set_member_role(session, default.id, subject, "viewer")
+        finally:
+            await engine.dispose()
         env = await self.resources.enter_async_context(await start_dev_server())
         self.temporal_address = env.client.service_client.config.target_host
         self.app = create_app(self.settings())
@@ -280,12 +295,17 @@ def test_a_request_without_a_bearer_token_is_a_401(
 def test_no_route_but_the_public_ones_answers_without_a_valid_token(stack: AuthStack) -> None:
     bad = mint_token(stack.settings(oidc_audience="another-api"), "u")
     checked: list[str] = []
+    websockets: list[str] = []
     public: set[str] = set()
     with httpx.Client(base_url=stack.base_url, timeout=10) as http:
         for route in iter_route_contexts(stack.app.routes):
             assert route.path is not None
-            if route.methods is None:
-                pytest.fail(f"{route.path} is not an HTTP route: extend this test to cover it")
+            if route.methods is None:  # a WebSocket: accepted, then closed with 4401
+                for token in (None, "not-a-jwt", bad):
+                    code = websocket_close_code(stack.base_url, route.path, token)
+                    assert code == 4401, f"WS {route.path} {token}"
+                websockets.append(route.path)
+                continue
             if route.path in PUBLIC_ROUTES:
                 public.add(route.path)
                 assert http.get(route.path).status_code == 200, route.path
@@ -299,7 +319,20 @@ def test_no_route_but_the_public_ones_answers_without_a_valid_token(stack: AuthS
                     assert set(response.json()) == {"detail", "issues"}
                 checked.append(f"{method} {route.path}")
     assert public == PUBLIC_ROUTES
-    assert len(checked) == 8, checked  # every /v1 route but health
+    assert websockets == ["/v1/stream"]
+    assert len(checked) == 45, checked  # every /v1 route but health
+
+
+def websocket_close_code(base_url: str, path: str, token: str | None) -> int | None:
+    """The close code of a WebSocket opened at ``path`` with ``token`` (None: none sent)."""
+    headers = None if token is None else bearer(token)
+    url = base_url.replace("http://", "ws://") + path
+    with (
+        ws_connect(url, additional_headers=headers, open_timeout=10) as ws,
+        pytest.raises(ConnectionClosed) as closed,
+    ):
+        ws.recv(timeout=10)
+    return None if closed.value.rcvd is None else closed.value.rcvd.code
 
 
 def test_the_jwks_route_serves_the_public_key_only(stack: AuthStack) -> None:

@@ -21,7 +21,6 @@ from qmachina.authz.authorizer import (
     InProcessAuthorizer,
     OpenFgaAuthorizer,
     OpenFgaConfigError,
-    make_authorizer,
 )
 from qmachina.authz.evaluator import (
     MODEL_FGA_PATH,
@@ -35,6 +34,10 @@ from qmachina.authz.evaluator import (
     UnknownTypeError,
     UnsupportedModelError,
 )
+from qmachina.authz.setup import open_authorizer
+from qmachina.authz.store_authorizer import StoreAuthorizer
+from qmachina.settings import load_settings
+from qmachina.store.database import create_store_engine, default_sqlite_url, session_factory
 from tests.authz_fga import evaluate_fga_yaml, run_model_test, transform_to_json
 
 AUTHZ_TESTS = Path(__file__).parent / "authz"
@@ -150,6 +153,8 @@ def test_model_defines_the_roles_and_permissions() -> None:
         "can_mutate",
         "can_manage_members",
         "can_manage_quotas",
+        "can_read_audit",
+        "can_manage_owners",
         "can_delete",
     }
     for resource in RESOURCE_TYPES:
@@ -334,14 +339,24 @@ def test_in_process_authorizer_is_safe_across_threads() -> None:
     assert len(authorizer.snapshot()) == n_threads * per_thread
 
 
-def test_make_authorizer_chooses_by_api_url() -> None:
-    assert isinstance(make_authorizer(None), InProcessAuthorizer)
-    with pytest.raises(OpenFgaConfigError, match="store id and a model id"):
-        make_authorizer("http://127.0.0.1:8080")
-    openfga = make_authorizer(
-        "http://127.0.0.1:8080", "01HVMMBCMGZNT3SED4Z17ECXCA", "01HVMMBD123456789ABCDEFGHJ"
+def test_the_settings_choose_the_authorizer(tmp_path: Path) -> None:
+    sessions = session_factory(create_store_engine(default_sqlite_url(tmp_path)))
+    embedded = asyncio.run(open_authorizer(load_settings(data_dir=tmp_path), sessions))
+    assert isinstance(embedded, StoreAuthorizer)
+    with pytest.raises(OpenFgaConfigError):
+        asyncio.run(
+            open_authorizer(
+                load_settings(data_dir=tmp_path, openfga_api_url="http://127.0.0.1:8080"),
+                sessions,
+            )
+        )
+    server = load_settings(
+        data_dir=tmp_path,
+        openfga_api_url="http://127.0.0.1:8080",
+        openfga_store_id="01HVMMBCMGZNT3SED4Z17ECXCA",
+        openfga_model_id="01HVMMBD123456789ABCDEFGHJ",
     )
-    assert isinstance(openfga, OpenFgaAuthorizer)
+    assert isinstance(asyncio.run(open_authorizer(server, sessions)), OpenFgaAuthorizer)
 
 
 def test_openfga_authorizer_refuses_an_invalid_tuple_before_any_request() -> None:

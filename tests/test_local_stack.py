@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -502,16 +503,26 @@ def test_demo_sweeps_through_the_stack_and_the_sweep_commands_follow_it(
     assert "144/144" in shown
     assert "succeeded: 144 points succeeded, 0 failed" in shown
     assert "144 runs by train.total_pnl_ticks (desc)" in shown
+    # The best run serves: registered, promoted behind es-demo, streamed.
+    assert re.search(r"the best run \(point [0-9a-f]{8}\) is serving version [0-9a-f]{12}", shown)
+    assert "alias es-demo -> version" in shown
+    assert re.search(r"streamed 30 bins of es-demo \(version [0-9a-f]{12}\)", shown)
     assert f"http://127.0.0.1:{stack.api_port}/docs" in shown
 
     # The stack is left running, and the sweep is in the store behind the API, which answers
-    # a token of the data directory's dev issuer (the demo and the sweep commands mint theirs).
+    # a token of the data directory's dev issuer (the demo and the sweep commands mint theirs)
+    # for the local user, who owns the default workspace; anyone else sees no such workspace.
     assert stack.qmachina("status").returncode == 0
     api = f"--api={stack.api_url}"
-    minted = stack.qmachina("token", "--user", "tester")
+    minted = stack.qmachina("token")
     assert minted.returncode == 0, minted.stderr
     bearer = {"Authorization": f"Bearer {minted.stdout.strip()}"}
     assert httpx.get(f"{stack.api_url}/v1/jobs/experiments").status_code == 401
+    stranger = stack.qmachina("token", "--user", "tester").stdout.strip()
+    unseen = httpx.get(
+        f"{stack.api_url}/v1/jobs/experiments", headers={"Authorization": f"Bearer {stranger}"}
+    )
+    assert unseen.status_code == 404, unseen.text
     jobs = httpx.get(f"{stack.api_url}/v1/jobs/experiments", headers=bearer).json()["jobs"]
     assert [(j["name"], j["status"]) for j in jobs] == [("es_derivative_sweep", "succeeded")]
     job_id = jobs[0]["id"]

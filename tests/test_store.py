@@ -20,6 +20,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from qmachina.store import governance
 from qmachina.store import repository as repo
 from qmachina.store.database import (
     create_store_engine,
@@ -39,6 +40,13 @@ STORE_TABLES = {
     "job_artifact",
     "experiment_run",
     "audit_event",
+    "resource_share",
+    "serving_version",
+    "serving_alias",
+    "serving_alias_event",
+    "modeling_session",
+    "live_session",
+    "contract_roll_event",
 }
 SPEC_HASH = "e" * 64
 
@@ -511,23 +519,89 @@ def test_a_queued_job_can_fail_before_it_starts(store_url: str) -> None:
     run_with_sessions(store_url, scenario)
 
 
-def test_workspace_chunk_limit(store_url: str) -> None:
+def test_workspace_quotas(store_url: str) -> None:
     async def scenario(sessions: Sessions) -> None:
         ws, _ = await _two_workspaces(sessions)
         async with sessions.begin() as session:
-            limited = await repo.set_workspace_chunk_limit(session, ws, 3)
-        assert limited.max_concurrent_chunks == 3
+            limited = await governance.set_quotas(
+                session, ws, {"max_concurrent_chunks": 3, "max_concurrent_jobs": 0}
+            )
+        assert (limited.max_concurrent_chunks, limited.max_concurrent_jobs) == (3, 0)
         async with sessions.begin() as session:
-            with pytest.raises(repo.StoreError, match="must be positive, got 0"):
-                await repo.set_workspace_chunk_limit(session, ws, 0)
-            unbounded = await repo.set_workspace_chunk_limit(session, ws, None)
-        assert unbounded.max_concurrent_chunks is None
-        # The database itself refuses a bound that is not positive.
+            with pytest.raises(repo.StoreError, match="max_concurrent_chunks must be at least 1"):
+                await governance.set_quotas(session, ws, {"max_concurrent_chunks": 0})
+            with pytest.raises(repo.StoreError, match="unknown quota max_disks"):
+                await governance.set_quotas(session, ws, {"max_disks": 1})
+            unbounded = await governance.set_quotas(session, ws, {"max_concurrent_chunks": None})
+        assert (unbounded.max_concurrent_chunks, unbounded.max_concurrent_jobs) == (None, 0)
+        # The database itself refuses a bound that is not positive, and a negative quota.
+        for column, value in (("max_concurrent_chunks", 0), ("max_storage_bytes", -1)):
+            async with sessions() as session:
+                with pytest.raises(sa.exc.IntegrityError):
+                    await session.execute(
+                        sa.update(Workspace).where(Workspace.id == ws).values({column: value})
+                    )
+
+    run_with_sessions(store_url, scenario)
+
+
+def test_members_roles_and_the_last_owner(store_url: str) -> None:
+    async def scenario(sessions: Sessions) -> None:
+        async with sessions.begin() as session:
+            acme = await governance.create_owned_workspace(session, "acme", "Acme", "olivia")
+            _, previous = await governance.set_member_role(session, acme.id, "adam", "admin")
+            assert previous is None
+            _, previous = await governance.set_member_role(session, acme.id, "adam", "viewer")
+            assert previous == "admin"
+        async with sessions.begin() as session:
+            with pytest.raises(governance.WorkspaceExistsError):
+                await governance.create_owned_workspace(session, "acme", "Again", "x")
+        async with sessions.begin() as session:
+            with pytest.raises(governance.LastOwnerError, match="last owner"):
+                await governance.set_member_role(session, acme.id, "olivia", "admin")
+            with pytest.raises(governance.LastOwnerError):
+                await governance.remove_member(session, acme.id, "olivia")
+            with pytest.raises(governance.MemberNotFoundError):
+                await governance.remove_member(session, acme.id, "nobody")
+            with pytest.raises(repo.StoreError, match="role 'emperor' is not one of"):
+                await governance.set_member_role(session, acme.id, "x", "emperor")
+        async with sessions.begin() as session:
+            await governance.set_member_role(session, acme.id, "adam", "owner")
+            await governance.set_member_role(session, acme.id, "olivia", "editor")
+            assert await governance.remove_member(session, acme.id, "olivia") == "editor"
         async with sessions() as session:
-            with pytest.raises(sa.exc.IntegrityError):
-                await session.execute(
-                    sa.update(Workspace).where(Workspace.id == ws).values(max_concurrent_chunks=0)
-                )
+            members = await repo.list_members(session, acme.id)
+        assert [(m.subject, m.role) for m in members] == [("adam", "owner")]
+
+    run_with_sessions(store_url, scenario)
+
+
+def test_shares_and_storage_use(store_url: str) -> None:
+    async def scenario(sessions: Sessions) -> None:
+        ws, other = await _two_workspaces(sessions)
+        job = await _job(sessions, ws)
+        async with sessions.begin() as session:
+            _, new = await governance.share_resource(session, ws, "experiment_job", job, other)
+            _, again = await governance.share_resource(session, ws, "experiment_job", job, other)
+            assert (new, again) == (True, False)
+            with pytest.raises(repo.StoreError, match="cannot share with itself"):
+                await governance.share_resource(session, ws, "experiment_job", job, ws)
+            with pytest.raises(repo.StoreError, match="resource type 'gadget'"):
+                await governance.share_resource(session, ws, "gadget", job, other)
+            # One lake file referenced twice counts once.
+            await repo.add_artifact(session, ws, job, "silver", "lake/a", "a" * 64, 100)
+            await repo.add_artifact(session, ws, job, "gold", "lake/b", "b" * 64, 50)
+        async with sessions() as session:
+            shared = await governance.shared_resource(session, other, "experiment_job", job)
+            assert shared is not None
+            assert shared.workspace_id == ws
+            assert await governance.shared_resource(session, ws, "experiment_job", job) is None
+            assert await governance.storage_used(session, ws) == 150
+            assert await governance.storage_used(session, other) == 0
+            assert await governance.active_job_count(session, ws) == 1
+        async with sessions.begin() as session:
+            assert await governance.unshare_resource(session, ws, "experiment_job", job, other)
+            assert not await governance.unshare_resource(session, ws, "experiment_job", job, other)
 
     run_with_sessions(store_url, scenario)
 

@@ -36,18 +36,27 @@ def default_sqlite_url(data_dir: Path) -> str:
     return f"sqlite+aiosqlite:///{(data_dir / SQLITE_FILE_NAME).resolve()}"
 
 
-def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: object) -> None:
-    # SQLite ignores foreign keys unless each connection asks for them.
+# How long a SQLite connection waits for another's write lock before failing "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def _configure_sqlite_connection(dbapi_connection: Any, connection_record: object) -> None:
+    # SQLite ignores foreign keys unless each connection asks for them. Write-ahead logging lets
+    # the API's many short reads (authorization checks while streams run) and the worker's
+    # writes proceed side by side: in the default rollback journal a reader blocks a commit.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
 
 
 def create_store_engine(url: str) -> AsyncEngine:
-    """An async engine for ``url``; SQLite connections enforce foreign keys."""
+    """An async engine for ``url``; SQLite connections enforce foreign keys and use a
+    write-ahead log."""
     engine = create_async_engine(url, json_serializer=_json_serializer)
     if engine.dialect.name == "sqlite":
-        event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
+        event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
     return engine
 
 

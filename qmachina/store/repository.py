@@ -116,11 +116,17 @@ async def list_members(session: AsyncSession, workspace_id: str) -> list[Workspa
 
 
 async def create_job(
-    session: AsyncSession, workspace_id: str, name: str, experiment_spec_hash: str
+    session: AsyncSession,
+    workspace_id: str,
+    name: str,
+    experiment_spec_hash: str,
+    *,
+    job_id: str | None = None,
 ) -> ExperimentJob:
-    """A new queued experiment job."""
+    """A new queued experiment job; ``job_id`` names it when its creator must be able to find
+    it again (a retried activity), else it gets a fresh id."""
     job = ExperimentJob(
-        id=new_id(),
+        id=job_id or new_id(),
         workspace_id=workspace_id,
         name=name,
         experiment_spec_hash=experiment_spec_hash,
@@ -257,11 +263,23 @@ async def job_events_after(
 
 
 async def add_artifact(
-    session: AsyncSession, workspace_id: str, job_id: str, kind: str, uri: str, sha256: str
+    session: AsyncSession,
+    workspace_id: str,
+    job_id: str,
+    kind: str,
+    uri: str,
+    sha256: str,
+    size_bytes: int | None = None,
 ) -> JobArtifact:
-    """Reference a lake file produced by the job, with its sha256 hex digest."""
+    """Reference a lake file produced by the job, with its sha256 hex digest and size."""
     artifact = JobArtifact(
-        id=new_id(), workspace_id=workspace_id, job_id=job_id, kind=kind, uri=uri, sha256=sha256
+        id=new_id(),
+        workspace_id=workspace_id,
+        job_id=job_id,
+        kind=kind,
+        uri=uri,
+        sha256=sha256,
+        size_bytes=size_bytes,
     )
     session.add(artifact)
     await session.flush()
@@ -526,23 +544,6 @@ async def workspace_by_slug(session: AsyncSession, slug: str) -> Workspace | Non
         sa.select(Workspace).where(Workspace.slug == slug)
     )
     return found
-
-
-async def set_workspace_chunk_limit(
-    session: AsyncSession, workspace_id: str, max_concurrent_chunks: int | None
-) -> Workspace:
-    """Bound how many chunks of one of the workspace's sweeps run at once (None: unbounded)."""
-    if max_concurrent_chunks is not None and max_concurrent_chunks <= 0:
-        raise StoreError(
-            f"workspace {workspace_id}: max_concurrent_chunks must be positive, "
-            f"got {max_concurrent_chunks}"
-        )
-    workspace = await session.scalar(sa.select(Workspace).where(Workspace.id == workspace_id))
-    if workspace is None:
-        raise StoreError(f"workspace {workspace_id} not found")
-    workspace.max_concurrent_chunks = max_concurrent_chunks
-    await session.flush()
-    return workspace
 
 
 async def ensure_workspace(session: AsyncSession, slug: str, name: str) -> Workspace:

@@ -1,0 +1,130 @@
+"""``qmachina live start|status|stop|list``: live ingestion sessions through the API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+
+from qmachina.cli_errors import fail
+from qmachina.sweep_cli import ApiError, ApiOption, TokenOption, api_request, connect_api
+
+LIVE_PATH = "/v1/ingestion/live/sessions"
+
+app = typer.Typer(help="Live ingestion sessions: a Databento Live feed into bronze, until stopped.")
+out = Console(soft_wrap=True, highlight=False)
+
+WorkspaceOption = Annotated[str, typer.Option(help="The workspace's slug.")]
+SessionArgument = Annotated[str, typer.Argument(help="The session's id.")]
+
+
+def _call(client: httpx.Client, method: str, path: str, workspace: str, **kwargs: Any) -> Any:
+    try:
+        return api_request(client, method, path, params={"workspace": workspace}, **kwargs)
+    except ApiError as error:
+        raise fail(str(error)) from None
+
+
+def show_session(view: dict[str, Any]) -> None:
+    out.print(
+        f"live session {view['id']}: {view['state']} ({view['connection']}), "
+        f"{view['dataset']} {','.join(view['symbols'])}"
+    )
+    lag = view["lag_ns"]
+    out.print(
+        f"  events {view['events_received']}, written {view['records_written']}, "
+        f"duplicates dropped {view['duplicates_dropped']}, reconnects {view['reconnects']}"
+        + ("" if lag is None else f", lag {lag / 1e6:.1f} ms")
+    )
+    for symbol, contract in view["contracts"].items():
+        out.print(f"  {symbol} -> {contract}")
+    for checkpoint in view["checkpoint"]:
+        out.print(
+            f"  checkpoint instrument {checkpoint['instrument_id']}: ts_event "
+            f"{checkpoint['ts_event']} (+{checkpoint['taken_at_ts']} taken at it)"
+        )
+    for roll in view["rolls"]:
+        out.print(
+            f"  roll {roll['symbol']}: {roll['from_symbol']} -> {roll['to_symbol']} "
+            f"at {roll['ts_event']} ({roll['reason']})"
+        )
+    if view["last_error"]:
+        out.print(f"  last fault: {view['last_error']}")
+    if view["error"]:
+        out.print(f"  failed: {view['error']}")
+
+
+@app.command("start")
+def start(
+    symbols: Annotated[list[str], typer.Argument(help="Symbols to subscribe to.")],
+    dataset: Annotated[str, typer.Option(help="The Databento dataset.")] = "GLBX.MDP3",
+    stype_in: Annotated[
+        str, typer.Option(help="raw_symbol, instrument_id, continuous or parent.")
+    ] = "raw_symbol",
+    replay_from: Annotated[
+        datetime | None, typer.Option("--start", help="Replay from this UTC time first.")
+    ] = None,
+    watchdog_seconds: Annotated[
+        float, typer.Option(help="Silence that counts as a fault (> 5 s).")
+    ] = 10,
+    workspace: WorkspaceOption = "default",
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Start a session."""
+    body: dict[str, Any] = {
+        "dataset": dataset,
+        "symbols": symbols,
+        "stype_in": stype_in,
+        "watchdog_seconds": watchdog_seconds,
+    }
+    if replay_from is not None:
+        body["start"] = replay_from.isoformat()
+    with connect_api(api, token) as client:
+        show_session(_call(client, "POST", LIVE_PATH, workspace, json=body))
+
+
+@app.command("status")
+def status(
+    session: SessionArgument,
+    workspace: WorkspaceOption = "default",
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """The session's state, connection, counts, checkpoint, lag and rolls."""
+    with connect_api(api, token) as client:
+        show_session(_call(client, "GET", f"{LIVE_PATH}/{session}", workspace))
+
+
+@app.command("stop")
+def stop(
+    session: SessionArgument,
+    reason: Annotated[str, typer.Option(help="Why.")] = "",
+    workspace: WorkspaceOption = "default",
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Ask the session to drain and stop."""
+    with connect_api(api, token) as client:
+        show_session(
+            _call(client, "POST", f"{LIVE_PATH}/{session}/stop", workspace, json={"reason": reason})
+        )
+
+
+@app.command("list")
+def list_sessions(
+    workspace: WorkspaceOption = "default",
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """The workspace's live sessions, newest first."""
+    with connect_api(api, token) as client:
+        page = _call(client, "GET", LIVE_PATH, workspace)
+    for item in page["items"]:
+        out.print(
+            f"{item['id']}  {item['created_at']}  {item['dataset']} {','.join(item['symbols'])}"
+            f"  by {item['created_by']}"
+        )
