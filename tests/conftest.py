@@ -13,6 +13,11 @@ from tests.sweep_stack import Roots, make_roots
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# pytest-xdist gives its workers COLUMNS=80. A rich Console created at import (the CLI modules')
+# takes COLUMNS as a fixed width and then ignores the width a test's CliRunner asks for; with no
+# COLUMNS it measures at print time.
+os.environ.pop("COLUMNS", None)
+
 
 def sample_data_dir() -> Path:
     """The shared Databento samples: ``$QMACHINA_SAMPLE_DATA`` or ``../shared/data/databento``."""

