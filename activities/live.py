@@ -43,7 +43,12 @@ from qmachina.live.ingest_events import (
     Reconnecting,
     SymbolMapped,
 )
-from qmachina.live.rolls import ContractRoll, ContractTracker
+from qmachina.live.rolls import (
+    CalendarRollPolicy,
+    CalendarTracker,
+    ContractRoll,
+    ContractTracker,
+)
 from qmachina.store import live_sessions
 from qmachina.store.models import ContractRollEvent
 from workflows.live_session import (
@@ -71,27 +76,37 @@ def checkpoint_view(checkpoint: Checkpoint) -> list[InstrumentCheckpoint]:
 
 
 class _Reporter:
-    """The report the workflow sees, kept up to date from the ingestor's events."""
+    """The report the workflow sees, kept up to date from the ingestor's events, and the rolls
+    the session's policy finds in them: the gateway's mappings of continuous symbols, or a
+    calendar followed in market time (the checkpoint's latest ``ts_event``)."""
 
-    def __init__(self, symbols: list[str]) -> None:
+    def __init__(self, request: LiveSessionRequest) -> None:
         self.report = LiveReport(connection="connecting")
-        self.tracker = ContractTracker(symbols)
+        self.tracker = ContractTracker(request.symbols)
+        calendar = request.roll_calendar
+        self.calendar = (
+            None
+            if calendar is None
+            else CalendarTracker(
+                calendar.name,
+                CalendarRollPolicy([(step.from_ns, step.symbol) for step in calendar.steps]),
+            )
+        )
         self.reconnects = 0
 
-    def apply(self, event: LiveEvent) -> tuple[bool, ContractRoll | None]:
-        """Take one event; whether it changed the connection (worth reporting at once) and the
-        roll it revealed, if any."""
+    def apply(self, event: LiveEvent) -> tuple[bool, list[ContractRoll]]:
+        """Take one event; whether it is worth reporting at once, and the rolls it settled."""
         report = self.report
         if isinstance(event, Connected):
             self.report = replace(report, connection="connected")
-            return True, None
+            return True, []
         if isinstance(event, Disconnected):
             self.report = replace(report, connection="reconnecting", last_error=_fault(event))
-            return True, None
+            return True, []
         if isinstance(event, Reconnecting):
             self.reconnects += 1
             self.report = replace(report, connection="reconnecting", reconnects=self.reconnects)
-            return True, None
+            return True, []
         if isinstance(event, Progress):
             self.report = replace(
                 report,
@@ -101,19 +116,32 @@ class _Reporter:
                 lag_ns=event.lag_ns,
                 checkpoint=checkpoint_view(event.checkpoint),
             )
-            return False, None
+            market_ns = max((ts for ts, _ in event.checkpoint.instruments.values()), default=None)
+            if self.calendar is None or market_ns is None:
+                return False, []
+            return self._rolled(self.calendar.advance(market_ns))
         if isinstance(event, SymbolMapped):
-            roll = self.tracker.observe(event)
             contracts = dict(report.contracts)
             contracts[event.stype_in_symbol] = event.stype_out_symbol
-            self.report = replace(
-                report, contracts=contracts, rolls=report.rolls + (roll is not None)
-            )
-            return roll is not None, roll
+            self.report = replace(report, contracts=contracts)
+            if self.calendar is not None:
+                self.calendar.observe(event)
+                return False, []
+            roll = self.tracker.observe(event)
+            return self._rolled([] if roll is None else [roll])
         if isinstance(event, GatewayError):
             self.report = replace(report, last_error=f"gateway error: {event.message}")
-            return True, None
-        return False, None
+            return True, []
+        return False, []
+
+    def _rolled(self, rolls: list[ContractRoll]) -> tuple[bool, list[ContractRoll]]:
+        if not rolls:
+            return False, []
+        contracts = dict(self.report.contracts)
+        contracts[rolls[-1].symbol] = rolls[-1].to_contract.symbol
+        moved = sum(roll.from_contract is not None for roll in rolls)
+        self.report = replace(self.report, contracts=contracts, rolls=self.report.rolls + moved)
+        return True, rolls
 
 
 def _fault(event: Disconnected) -> str:
@@ -187,7 +215,7 @@ class LiveActivities:
             on_event=lambda event: _hand_over(loop, events, event),
             session_start=request.start,
         )
-        reporter = _Reporter(request.symbols)
+        reporter = _Reporter(request)
         reporter.report = replace(reporter.report, checkpoint=checkpoint_view(bronze.checkpoint))
         running = asyncio.ensure_future(asyncio.to_thread(ingestor.run))
         try:
@@ -238,8 +266,8 @@ class LiveActivities:
                 event = await asyncio.wait_for(events.get(), timeout=left)
             except TimeoutError:
                 break
-            urgent, roll = reporter.apply(event)
-            if roll is not None:
+            urgent, rolls = reporter.apply(event)
+            for roll in rolls:
                 await self._record_roll(request, roll)
             changed = changed or urgent
         return changed
@@ -248,11 +276,12 @@ class LiveActivities:
         self, request: LiveSessionRequest, events: asyncio.Queue[LiveEvent], reporter: _Reporter
     ) -> None:
         while not events.empty():
-            _, roll = reporter.apply(events.get_nowait())
-            if roll is not None:
+            _, rolls = reporter.apply(events.get_nowait())
+            for roll in rolls:
                 await self._record_roll(request, roll)
 
     async def _record_roll(self, request: LiveSessionRequest, roll: ContractRoll) -> None:
+        came_from = roll.from_contract
         async with self._sessions.begin() as session:
             await live_sessions.record_roll(
                 session,
@@ -260,11 +289,11 @@ class LiveActivities:
                     workspace_id=request.workspace_id,
                     session_id=request.session_id,
                     symbol=roll.symbol,
-                    from_instrument_id=roll.from_contract.instrument_id,
-                    from_symbol=roll.from_contract.symbol,
+                    from_instrument_id=None if came_from is None else came_from.instrument_id,
+                    from_symbol=None if came_from is None else came_from.symbol,
                     to_instrument_id=roll.to_contract.instrument_id,
                     to_symbol=roll.to_contract.symbol,
-                    reason="the gateway mapped the symbol to another instrument",
+                    reason=roll.reason,
                     ts_event=roll.ts_event,
                 ),
             )

@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from qmachina.live.ingest import HEARTBEAT_BOUNDS_S
 
 LIVE_PATH = "/v1/ingestion/live/sessions"
 
 Symbol = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[!-~]+$")]
+
+
+class CalendarStepBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    at: datetime = Field(description="From this market time on (ts_event)...")
+    symbol: Symbol = Field(description="...this raw symbol is the active contract")
+
+
+class RollCalendarBody(BaseModel):
+    """A schedule of contracts: ``name`` stands for each step's raw symbol from its time on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Symbol = Field(description="What the session's roll events call the rolling symbol")
+    schedule: list[CalendarStepBody] = Field(min_length=1, max_length=100)
 
 
 class LiveSessionStart(BaseModel):
@@ -43,6 +59,35 @@ class LiveSessionStart(BaseModel):
         ),
     ] = 10.0
     report_every_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    roll_policy: Literal["mapping", "calendar"] = Field(
+        default="mapping",
+        description=(
+            "What decides the active contract: the gateway's mappings of continuous symbols, "
+            "or the schedule in roll_calendar (a raw_symbol subscription to its symbols)"
+        ),
+    )
+    roll_calendar: RollCalendarBody | None = None
+
+    @model_validator(mode="after")
+    def _calendar_fits_the_subscription(self) -> Self:
+        calendar = self.roll_calendar
+        if self.roll_policy == "mapping":
+            if calendar is not None:
+                raise ValueError("roll_calendar is given but roll_policy is 'mapping'")
+            return self
+        if calendar is None:
+            raise ValueError("roll_policy 'calendar' needs a roll_calendar")
+        if self.stype_in != "raw_symbol":
+            raise ValueError(
+                f"roll_policy 'calendar' needs stype_in raw_symbol, not {self.stype_in}"
+            )
+        missing = sorted({step.symbol for step in calendar.schedule} - set(self.symbols))
+        if missing:
+            raise ValueError(f"roll_calendar.schedule names {missing}, which symbols lacks")
+        times = [step.at for step in calendar.schedule]
+        if len(set(times)) != len(times):
+            raise ValueError("roll_calendar.schedule has two steps at one time")
+        return self
 
 
 class StopBody(BaseModel):
@@ -73,6 +118,8 @@ class LiveSessionView(BaseModel):
     dataset: str
     symbols: list[str]
     stype_in: str
+    roll_policy: Literal["mapping", "calendar"]
+    roll_calendar: RollCalendarBody | None
     created_by: str
     created_at: datetime
     state: Literal["starting", "running", "stopping", "stopped", "failed"]

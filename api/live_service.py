@@ -3,6 +3,7 @@ its status with the rolls it recorded, and ask it to stop."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from temporalio.client import (
@@ -35,14 +36,16 @@ from qmachina.temporal_names import (
     live_workflow_id,
 )
 from workflows.live_session import (
+    CalendarStep,
     LiveIngestionSession,
     LiveSessionRequest,
     LiveStatus,
+    RollCalendar,
     StopRequest,
 )
 
 LiveHandle = WorkflowHandle[LiveIngestionSession, LiveStatus]
-NANOS = 1_000_000_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _handle(state: AppState, row: LiveSession) -> LiveHandle:
@@ -63,6 +66,10 @@ async def start_session(
         "stype_in": start.stype_in,
         "schema": "mbo",
         "start": None if start.start is None else start.start.isoformat(),
+        "roll_policy": start.roll_policy,
+        "roll_calendar": None
+        if start.roll_calendar is None
+        else start.roll_calendar.model_dump(mode="json"),
     }
     async with state.sessions.begin() as session:
         row = await live_sessions.create_session(
@@ -84,9 +91,15 @@ async def start_session(
         gateway_host=settings.databento_live_gateway,
         gateway_port=settings.databento_live_port,
         stype_in=start.stype_in,
-        start=None if start.start is None else int(start.start.timestamp() * NANOS),
+        start=None if start.start is None else epoch_ns(start.start),
         watchdog_seconds=start.watchdog_seconds,
         report_every_seconds=start.report_every_seconds,
+        roll_calendar=None
+        if start.roll_calendar is None
+        else RollCalendar(
+            start.roll_calendar.name,
+            [CalendarStep(epoch_ns(step.at), step.symbol) for step in start.roll_calendar.schedule],
+        ),
     )
     try:
         handle = await state.temporal.start_workflow(
@@ -101,6 +114,13 @@ async def start_session(
             await session.delete(await live_sessions.get_session(session, workspace.id, row.id))
         raise TemporalUnavailableError(f"the session could not be started: {error}") from error
     return await _view(state, handle, row, workspace.slug)
+
+
+def epoch_ns(moment: datetime) -> int:
+    """Nanoseconds since the epoch, exactly (a time without a zone is UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - EPOCH) // timedelta(microseconds=1) * 1_000
 
 
 def bronze_root(state: AppState) -> Path:
@@ -171,6 +191,8 @@ async def _view(
         dataset=row.dataset,
         symbols=list(row.subscription["symbols"]),
         stype_in=str(row.subscription["stype_in"]),
+        roll_policy=row.subscription.get("roll_policy", "mapping"),
+        roll_calendar=row.subscription.get("roll_calendar"),
         created_by=row.created_by,
         created_at=row.created_at,
         state=status.state,

@@ -39,6 +39,10 @@ def show_session(view: dict[str, Any]) -> None:
         f"duplicates dropped {view['duplicates_dropped']}, reconnects {view['reconnects']}"
         + ("" if lag is None else f", lag {lag / 1e6:.1f} ms")
     )
+    calendar = view["roll_calendar"]
+    if calendar is not None:
+        steps = ", ".join(f"{step['symbol']} from {step['at']}" for step in calendar["schedule"])
+        out.print(f"  rolls by calendar {calendar['name']}: {steps}")
     for symbol, contract in view["contracts"].items():
         out.print(f"  {symbol} -> {contract}")
     for checkpoint in view["checkpoint"]:
@@ -70,6 +74,17 @@ def start(
     watchdog_seconds: Annotated[
         float, typer.Option(help="Silence that counts as a fault (> 5 s).")
     ] = 10,
+    roll_calendar: Annotated[
+        str | None,
+        typer.Option(
+            help="Roll by a calendar under this name (e.g. ES) instead of the gateway's "
+            "mappings; give its steps with --roll-at."
+        ),
+    ] = None,
+    roll_at: Annotated[
+        list[str] | None,
+        typer.Option(help="A calendar step, WHEN=RAW_SYMBOL (UTC ISO time); repeat per step."),
+    ] = None,
     workspace: WorkspaceOption = "default",
     api: ApiOption = None,
     token: TokenOption = None,
@@ -83,8 +98,24 @@ def start(
     }
     if replay_from is not None:
         body["start"] = replay_from.isoformat()
+    if roll_calendar is not None or roll_at:
+        if roll_calendar is None or not roll_at:
+            raise fail("--roll-calendar NAME and at least one --roll-at WHEN=SYMBOL go together")
+        body["roll_policy"] = "calendar"
+        body["roll_calendar"] = {"name": roll_calendar, "schedule": [_step(s) for s in roll_at]}
     with connect_api(api, token) as client:
         show_session(_call(client, "POST", LIVE_PATH, workspace, json=body))
+
+
+def _step(text: str) -> dict[str, str]:
+    when, equals, symbol = text.partition("=")
+    if not equals or not symbol:
+        raise fail(f"--roll-at {text!r}: expected WHEN=RAW_SYMBOL")
+    try:
+        moment = datetime.fromisoformat(when)
+    except ValueError:
+        raise fail(f"--roll-at {text!r}: {when!r} is not an ISO 8601 time") from None
+    return {"at": moment.isoformat(), "symbol": symbol}
 
 
 @app.command("status")

@@ -66,7 +66,13 @@ from qmachina.live.ingest_events import (
     SymbolMapped,
 )
 from qmachina.live.record_block import RecordBlock
-from qmachina.live.rolls import CalendarRollPolicy, Contract, ContractRoll, ContractTracker
+from qmachina.live.rolls import (
+    CalendarRollPolicy,
+    CalendarTracker,
+    Contract,
+    ContractRoll,
+    ContractTracker,
+)
 from tests.conftest import REPO_ROOT
 from tests.live_ingest_child import KEY_VARIABLE
 from tests.live_tapes import (
@@ -838,3 +844,53 @@ def test_calendar_roll_policy_picks_the_symbol_by_time() -> None:
     assert policy.next_roll(300) is None
     with pytest.raises(ValueError, match="two entries"):
         CalendarRollPolicy([(1, "A"), (1, "B")])
+
+
+def test_calendar_tracker_assigns_then_rolls_in_market_time() -> None:
+    schedule = [(100, "ESH4"), (200, "ESM4"), (300, "ESU4")]
+    tracker = CalendarTracker("ES", CalendarRollPolicy(schedule))
+    for iid, symbol in ((1, "ESH4"), (2, "ESM4")):
+        tracker.observe(SymbolMapped(iid, symbol, symbol, 0))
+    assert tracker.advance(99) == []  # before the schedule starts
+    (first,) = tracker.advance(150)
+    assert (first.symbol, first.from_contract, first.to_contract, first.ts_event) == (
+        "ES",
+        None,
+        Contract(1, "ESH4"),
+        100,
+    )
+    assert first.reason == "calendar ES: ESH4 from 1970-01-01T00:00:00+00:00"
+    assert tracker.advance(199) == []
+    (roll,) = tracker.advance(250)
+    assert (roll.from_contract, roll.to_contract, roll.ts_event) == (
+        Contract(1, "ESH4"),
+        Contract(2, "ESM4"),
+        200,
+    )
+    assert tracker.advance(400) == []  # ESU4's mapping is not known yet: the roll waits
+    assert tracker.active == Contract(2, "ESM4")
+    tracker.observe(SymbolMapped(3, "ESU4", "ESU4", 0))
+    assert [(r.from_contract, r.to_contract, r.ts_event) for r in tracker.advance(400)] == [
+        (Contract(2, "ESM4"), Contract(3, "ESU4"), 300)
+    ]
+
+
+def test_a_calendar_tracker_started_late_reports_what_an_early_one_did() -> None:
+    """A retried ingestion resumes past a roll: it reports the same steps (same times, same
+    contracts), which the store recognizes, whenever it first sees the market."""
+    schedule = [(100, "ESH4"), (200, "ESM4")]
+    early = CalendarTracker("ES", CalendarRollPolicy(schedule))
+    late = CalendarTracker("ES", CalendarRollPolicy(schedule))
+    for tracker in (early, late):
+        tracker.observe(SymbolMapped(1, "ESH4", "ESH4", 0))
+        tracker.observe(SymbolMapped(2, "ESM4", "ESM4", 0))
+    seen_early = tracker_rolls(early, [120, 180, 260])
+    assert tracker_rolls(late, [260]) == seen_early
+    assert [(r.from_contract, r.to_contract) for r in seen_early] == [
+        (None, Contract(1, "ESH4")),
+        (Contract(1, "ESH4"), Contract(2, "ESM4")),
+    ]
+
+
+def tracker_rolls(tracker: CalendarTracker, times: list[int]) -> list[ContractRoll]:
+    return [roll for market_ns in times for roll in tracker.advance(market_ns)]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +46,7 @@ from qmachina.store.models import AuditEvent, ContractRollEvent
 from qmachina.temporal_names import LIVE_TASK_QUEUE, live_workflow_id
 from tests.live_server import BackgroundLoop, start_dev_server
 from tests.live_tapes import ESH4, ESM4, STEP_NS, T0, mbo_flow, write_tape
+from tests.ports import free_port
 from worker.main import sweep_worker
 from workflows.live_session import (
     LiveIngestionSession,
@@ -279,10 +280,24 @@ async def _audit_actions(stack: LiveStack) -> list[str]:
 # ---------------------------------------------------------------------- a killed worker
 
 
-def test_a_worker_killed_mid_stream_loses_and_repeats_nothing(tape: Tape, tmp_path: Path) -> None:
-    """The gateway opens once the worker's ingestion runs (a cold worker takes a while to
-    start): fifteen minutes of flow at 30x, thirty seconds, the worker killed a few seconds in."""
+def test_every_fault_and_a_killed_worker_lose_and_repeat_nothing(
+    tape: Tape, tmp_path: Path
+) -> None:
+    """The fault campaign at the session level: every kind of gateway fault, each at a seeded
+    random point, and the worker SIGKILLed mid-stream. The gateway opens once the worker's
+    ingestion runs (a cold worker takes a while to start): fifteen minutes of flow at 30x."""
     start_at = tape.end_ns - 900 * SECOND
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    faults = [
+        Fault(FaultKind.RESET, after_records=rng.randrange(200, 1500)),
+        Fault(FaultKind.CLOSE, after_records=rng.randrange(200, 1500)),
+        Fault(FaultKind.ERROR, after_records=rng.randrange(200, 1500), message="trouble"),
+        # Longer than the session's watchdog (6 s): the silence itself is the fault.
+        Fault(FaultKind.STALL, after_records=rng.randrange(200, 1500), seconds=7.0),
+        Fault(FaultKind.DOWN, at_ns=start_at + rng.randrange(60, 840) * SECOND, seconds=2.0),
+    ]
+    assert {fault.kind for fault in faults} == set(FaultKind) - {FaultKind.ROLL}
     port = free_port()
     stack = LiveStack(tmp_path, with_worker=False)
     stack.gateway_port = port
@@ -319,7 +334,9 @@ def test_a_worker_killed_mid_stream_loses_and_repeats_nothing(tape: Tape, tmp_pa
             return status.report.reported_at is not None
 
         until(ingesting, timeout=180)
-        gateway = LiveGateway(tape, keys=[KEY], port=port, speed=30.0, start_at=start_at)
+        gateway = LiveGateway(
+            tape, keys=[KEY], port=port, speed=30.0, start_at=start_at, faults=faults
+        )
         with GatewayThread(gateway) as gw:
             expected = gw.tape_records("mbo", "ESH4", start=start_at)
             try:
@@ -340,16 +357,10 @@ def test_a_worker_killed_mid_stream_loses_and_repeats_nothing(tape: Tape, tmp_pa
             process.kill()
         log.close()
         stack.close()
-    assert 2000 <= at_kill < len(expected)
-    assert status.state == "stopped"
-    assert bronze_records(stack.bronze_root, session_id) == expected
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+    assert 2000 <= at_kill < len(expected), f"seed {seed}"
+    assert status.state == "stopped", f"seed {seed}"
+    assert bronze_records(stack.bronze_root, session_id) == expected, f"seed {seed}"
+    assert [gateway.fired(index) for index in range(len(faults))] == [True] * len(faults), seed
 
 
 def log_text(root: Path) -> str:
@@ -478,3 +489,71 @@ def test_a_roll_is_recorded_once_and_the_session_follows_the_new_contract(
 async def _rolls(stack: LiveStack, session_id: str) -> list[ContractRollEvent]:
     async with stack.sessions() as session:
         return await live_sessions.rolls_of(session, stack.workspace_id, session_id)
+
+
+def test_a_calendar_roll_policy_rolls_by_market_time(tmp_path: Path) -> None:
+    """The same two contracts under a calendar, through the API: the session subscribes to
+    both raw symbols and ES rolls from ESH4 to ESM4 when the records reach the scheduled time;
+    a reset after it replays across that time and records nothing twice."""
+    paths = [tmp_path / "esh4.mbo.dbn", tmp_path / "esm4.mbo.dbn"]
+    write_tape(paths[0], mbo_flow(ESH4, 0, seed=1), "ESH4")
+    write_tape(paths[1], mbo_flow(ESM4, STEP_NS // 2, seed=2), "ESM4")
+    roll_at = T0 + 2 * SECOND
+    gateway = LiveGateway.from_files(
+        paths,
+        keys=[KEY],
+        symbols={"ESH4": ESH4, "ESM4": ESM4},
+        speed=2.0,
+        faults=[Fault(FaultKind.RESET, at_ns=roll_at + SECOND // 2)],
+        heartbeat_s=0.2,
+    )
+    calendar = {
+        "name": "ES",
+        "schedule": [{"at": iso(T0), "symbol": "ESH4"}, {"at": iso(roll_at), "symbol": "ESM4"}],
+    }
+    body: dict[str, Any] = {
+        "dataset": DATASET,
+        "symbols": ["ESH4", "ESM4"],
+        "start": iso(T0),
+        "watchdog_seconds": 6.0,
+        "report_every_seconds": 0.5,
+        "roll_policy": "calendar",
+        "roll_calendar": calendar,
+    }
+    (tmp_path / "stack").mkdir()
+    stack = LiveStack(tmp_path / "stack")
+    try:
+        stack.run(stack.start())
+        with GatewayThread(gateway) as gw:
+            stack.run(stack.serve_api(gw.port))
+            with stack.http("olivia") as olivia:
+                expected = gw.tape_records("mbo", ["ESH4", "ESM4"], start=T0)
+                refusals = {
+                    "no calendar": body | {"roll_calendar": None},
+                    "calendar under mapping": body | {"roll_policy": "mapping"},
+                    "not subscribed": body | {"symbols": ["ESH4"]},
+                    "continuous": body | {"stype_in": "continuous"},
+                }
+                refused = {name: olivia.post(LIVE_PATH, json=bad) for name, bad in refusals.items()}
+                sid = ok(olivia.post(LIVE_PATH, json=body), 201)["id"]
+                until(lambda: len(bronze_records(stack.bronze_root, sid)) >= len(expected))
+                until(lambda: ok(olivia.get(f"{LIVE_PATH}/{sid}"))["rolls"][1:])
+                ok(olivia.post(f"{LIVE_PATH}/{sid}/stop", json={"reason": "done"}), 202)
+                view = until(
+                    lambda: (v := ok(olivia.get(f"{LIVE_PATH}/{sid}")))["state"] == "stopped" and v
+                )
+    finally:
+        stack.close()
+    assert {name: r.status_code for name, r in refused.items()} == dict.fromkeys(refusals, 422)
+    assert "needs a roll_calendar" in refused["no calendar"].text
+    assert "['ESM4'], which symbols lacks" in refused["not subscribed"].text
+    assert bronze_records(stack.bronze_root, sid) == expected
+    assert view["roll_policy"] == "calendar"
+    assert view["roll_calendar"]["name"] == "ES"
+    rolls = [(r["symbol"], r["from_symbol"], r["to_symbol"], r["ts_event"]) for r in view["rolls"]]
+    assert rolls == [("ES", None, "ESH4", T0), ("ES", "ESH4", "ESM4", roll_at)]
+    assert view["rolls"][1]["from_instrument_id"] == ESH4
+    assert view["rolls"][1]["to_instrument_id"] == ESM4
+    assert view["rolls"][1]["reason"].startswith("calendar ES: ESM4 from ")
+    assert view["contracts"]["ES"] == "ESM4"
+    assert view["reconnects"] >= 1

@@ -1186,6 +1186,47 @@ def test_a_roll_seen_in_the_bronze_alone(tmp_path: Path, sample_dir: Path) -> No
     assert next(segments, None) is None
 
 
+def test_a_calendar_session_follows_its_recorded_rolls(tmp_path: Path, sample_dir: Path) -> None:
+    """A calendar session subscribes to raw symbols: its first contract, recorded as a roll
+    with no ``from``, places the version's raw symbol, and the scheduled roll moves the stream
+    to the next contract, whose book starts from the session's first record."""
+    first = live_tape(sample_dir, 5)
+    roll_ns = OPEN_NS + 5 * SECOND
+    second = rolled_tape(first, roll_ns, 6 * SECOND)
+    symbols = ("ESH4", "ESM4")
+    with open_bronze(tmp_path, "cal", first, stype_in="raw_symbol", symbols=symbols) as bronze:
+        bronze.append(block_of(first))
+        bronze.append(block_of(second))
+    rolls = (
+        SessionRoll("ES", None, None, ESH4_ID, "ESH4", OPEN_NS),
+        SessionRoll("ES", ESH4_ID, "ESH4", OTHER_ID, "ESM4", roll_ns),
+    )
+    capture = CaptureSpec(dataset_files=("unused.dbn",), raw_symbol="ESH4")
+    stop = threading.Event()
+    source = LiveSessionSource(tmp_path / "cal", capture, lambda: rolls, stop, poll_seconds=0.01)
+    segments = source.segments()
+    old = next(segments)
+    assert (old.contract, old.rolled_from) == (Contract(ESH4_ID, "ESH4"), None)
+    files = day_files(tmp_path, "cal")
+    assert np.array_equal(
+        np.concatenate(list(old.events)),
+        np.concatenate(list(replay_files(files, instrument_id=ESH4_ID))),
+    )
+    new = next(segments)
+    assert (new.contract, new.rolled_from) == (
+        Contract(OTHER_ID, "ESM4"),
+        Contract(ESH4_ID, "ESH4"),
+    )
+    assert new.roll_ts_ns == roll_ns
+    expected = np.concatenate(list(replay_files(files, instrument_id=OTHER_ID)))
+    got = []
+    for events in new.events:
+        got.append(events)
+        if sum(map(len, got)) == len(expected):
+            stop.set()
+    assert np.array_equal(np.concatenate(got), expected)
+
+
 def test_live_sources_that_cannot_feed_the_version(tmp_path: Path, sample_dir: Path) -> None:
     tape = live_tape(sample_dir, 1)
     capture = CaptureSpec(dataset_files=("unused.dbn",), raw_symbol="ESH4")

@@ -50,6 +50,23 @@ class Reconnect:
 
 
 @dataclass(frozen=True)
+class CalendarStep:
+    """From ``from_ns`` (market time, nanoseconds since the epoch) on, ``symbol`` is in force."""
+
+    from_ns: int
+    symbol: str
+
+
+@dataclass(frozen=True)
+class RollCalendar:
+    """The calendar roll policy: ``name`` (what the session's roll events call the rolling
+    symbol, e.g. ``ES``) stands for each step's raw symbol from its time on."""
+
+    name: str
+    steps: list[CalendarStep]
+
+
+@dataclass(frozen=True)
 class LiveSessionRequest:
     """What to ingest and from where. The API key is never here (it would be in the history):
     the workers read it from their own settings."""
@@ -71,6 +88,8 @@ class LiveSessionRequest:
     watchdog_seconds: float = 10.0
     report_every_seconds: float = 30.0
     heartbeat_timeout_seconds: float = 30.0
+    roll_calendar: RollCalendar | None = None
+    """None: rolls follow the gateway's mappings of continuous symbols."""
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,16 @@
-"""Contract rolls of continuous symbols, from symbol mappings or from a calendar.
+"""Contract rolls, from the gateway's symbol mappings or from a calendar.
 
 A continuous symbol (``ES.c.0``) stands for one contract at a time. The gateway says which with
 a ``SymbolMappingMsg`` when a subscription starts and again when the symbol rolls.
 :class:`ContractTracker` turns those mappings into the active contract per symbol and reports
-each roll once. :class:`CalendarRollPolicy` is the other way to decide: a fixed schedule.
+each roll once.
+
+The other policy is a calendar (:class:`CalendarRollPolicy`): a name (``ES``) stands for one
+raw symbol from each scheduled time on, in market time. :class:`CalendarTracker` follows the
+records' ``ts_event`` through the schedule of a session subscribed to its raw symbols and
+reports every step the market has reached: the first as an assignment (no contract before it),
+each later one as a roll. What it reports depends only on the schedule and on how far the
+market has got, so a retried ingestion reports the same rolls again, at the same times.
 """
 
 from __future__ import annotations
@@ -11,10 +18,19 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from qmachina.live.ingest_events import SymbolMapped
 
-__all__ = ["CalendarRollPolicy", "Contract", "ContractRoll", "ContractTracker"]
+__all__ = [
+    "CalendarRollPolicy",
+    "CalendarTracker",
+    "Contract",
+    "ContractRoll",
+    "ContractTracker",
+]
+
+MAPPING_REASON = "the gateway mapped the symbol to another instrument"
 
 
 @dataclass(frozen=True)
@@ -27,12 +43,14 @@ class Contract:
 
 @dataclass(frozen=True)
 class ContractRoll:
-    """A continuous ``symbol`` moved from one contract to the next at ``ts_event``."""
+    """``symbol`` moved from one contract to the next at ``ts_event`` (market time); with no
+    ``from_contract``, the first contract a calendar assigns it."""
 
     symbol: str
-    from_contract: Contract
+    from_contract: Contract | None
     to_contract: Contract
     ts_event: int
+    reason: str = MAPPING_REASON
 
 
 class ContractTracker:
@@ -88,6 +106,11 @@ class CalendarRollPolicy:
         self._times = times
         self._symbols = [symbol for _, symbol in steps]
 
+    @property
+    def steps(self) -> list[tuple[int, str]]:
+        """The schedule in time order: ``(from_ts_ns, raw_symbol)``."""
+        return list(zip(self._times, self._symbols, strict=True))
+
     def active(self, ts_ns: int) -> str | None:
         """The raw symbol in force at ``ts_ns`` (None before the schedule starts)."""
         index = bisect.bisect_right(self._times, ts_ns) - 1
@@ -99,3 +122,46 @@ class CalendarRollPolicy:
         if index >= len(self._times):
             return None
         return self._times[index], self._symbols[index]
+
+
+class CalendarTracker:
+    """The contract a calendar's ``name`` stands for, as the market moves (see the module).
+
+    :meth:`observe` learns each raw symbol's instrument id from the subscription's mappings;
+    :meth:`advance` takes the market time reached and returns the steps reached since the last
+    call, in order: the schedule's first step as an assignment (no ``from``), each later one as
+    a roll from the step before. A step whose symbol has no mapping yet waits.
+    """
+
+    def __init__(self, name: str, policy: CalendarRollPolicy) -> None:
+        self.name = name
+        self._steps = policy.steps
+        self._ids: dict[str, int] = {}
+        self._active: Contract | None = None
+        self._next = 0  # the first step not reported yet
+
+    def observe(self, mapping: SymbolMapped) -> None:
+        self._ids[mapping.stype_in_symbol] = mapping.instrument_id
+
+    @property
+    def active(self) -> Contract | None:
+        return self._active
+
+    def advance(self, market_ns: int) -> list[ContractRoll]:
+        settled: list[ContractRoll] = []
+        while self._next < len(self._steps):
+            at, symbol = self._steps[self._next]
+            to = self._contract(self._next)
+            if at > market_ns or to is None:
+                break
+            since = datetime.fromtimestamp(at / 1e9, UTC).isoformat()
+            reason = f"calendar {self.name}: {symbol} from {since}"
+            settled.append(ContractRoll(self.name, self._active, to, at, reason))
+            self._active = to
+            self._next += 1
+        return settled
+
+    def _contract(self, step: int) -> Contract | None:
+        symbol = self._steps[step][1]
+        instrument_id = self._ids.get(symbol)
+        return None if instrument_id is None else Contract(instrument_id, symbol)
