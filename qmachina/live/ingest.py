@@ -124,6 +124,8 @@ class LiveTarget:
     schema: str = "mbo"
     #: Asked of the gateway (Databento accepts 5..1800 s); keep it below ``watchdog_seconds``.
     heartbeat_interval_s: int | None = None
+    #: Ask the gateway to append its send time to every record (DBN ``ts_out``).
+    ts_out: bool = False
 
     def __post_init__(self) -> None:
         if not self.symbols:
@@ -345,6 +347,7 @@ class LiveIngestor:
             key=target.key.get_secret_value(),
             gateway=target.host,
             port=target.port,
+            ts_out=target.ts_out,
             heartbeat_interval_s=target.heartbeat_interval_s,
             reconnect_policy="none",
         )

@@ -1,0 +1,354 @@
+"""Live benchmark: MBO records from the local gateway through ingestion (bronze) into silver bins,
+as a rate and as the latency from a record's gateway send time to its silver bin.
+
+    python bench/live.py --json
+
+A seeded synthetic ES flow (``engine.synthetic``, one instrument, snapshot then live flow at the
+generator's ~20k records per second of tape time) is served by the local gateway
+(:class:`qmachina.live.gateway.LiveGateway`) in a process of its own, as fast as it goes
+(``speed=max``); every subscription asks ``start=`` the tape's start, so each one replays the
+whole tape. Ingestion is :class:`qmachina.live.ingest.LiveIngestor` (the official client, with
+``ts_out``) in a second process, as the worker runs it apart from the API. Silver is the serving
+stream's path in this process: :class:`qmachina.live.bronze_tail.BronzeTail` follows the
+session's bronze (sleeping ``--poll-ms`` when it has caught up, the serving default),
+:func:`~qmachina.live.bronze_tail.mbo_events` decodes, and :class:`engine.silver.SilverBuilder`
+with the shipped ES pipeline's grid is fed with ``feed_until_bin(events, -1)`` as
+``ServingComputation.feed`` does it. A bin counts as published when that call returns it; gold,
+the signal and the wire encoding are not included. The tail is followed here rather than through
+:class:`qmachina.serving.live_source.LiveSessionSource` because that source takes ``ts_out`` from
+the bronze header, which :class:`qmachina.live.bronze.Bronze` writes as ``ts_out=0``: it refuses
+the records of a ``ts_out`` session (64 bytes where it expects 56).
+
+Three runs on one gateway, each with its own bronze session:
+
+- ``ingest_events_per_s``: gateway -> bronze alone, from the first record's gateway send time
+  until bronze holds every record;
+- ``silver_events_per_s``: following that complete bronze into silver alone, nothing else running;
+- ``events_per_s``: both at once (gateway -> bronze -> silver), from the first record's gateway
+  send time until the last record has been fed to silver (the bins it closed published). This
+  run also gives the latencies.
+
+Latency is per record (the honest reading of "a record's gateway send time to its silver bin
+being published"): the publish wall time of the bin holding it minus its ``ts_out``. A bin's
+records are found by its ``cum_event_id`` (events fed through its end); the snapshot, which only
+builds the book, and the records of the bin still open at the end are left out. The gateway
+stamps ``ts_out`` with its market clock, which at ``speed=max`` is tape time; this benchmark
+gives it the wall clock instead, as Databento's gateways stamp it (one stamp per chunk the
+gateway writes). Replayed as fast as possible, a record also waits behind every record sent
+before it: when ingestion is slower than the gateway, the latency is mostly that backlog (as
+deep as the socket buffers let the gateway run ahead), not the pipeline's own delay.
+
+Target (issue #7): >= 1 M events/s sustained; p99 <= 2 ms plus the bin width. The machine's
+cores are shared by the gateway, ingestion and silver: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import SecretStr
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder comes first on sys.path and the sibling bench/engine.py
+# would shadow the `engine` package; the repository root goes in front of it.
+sys.path.insert(0, str(REPO_ROOT))
+
+from engine.events import F_SNAPSHOT  # noqa: E402
+from engine.silver import GridConfig, SilverBuilder  # noqa: E402
+from engine.synthetic import DBN_MBO_DTYPE, generate_events, write_dbn  # noqa: E402
+from qmachina.live.bronze import Bronze, read_bronze_file  # noqa: E402
+from qmachina.live.bronze_tail import MBO_RTYPE, BronzeTail, mbo_events  # noqa: E402
+from qmachina.live.gateway import LiveGateway, TapeClock  # noqa: E402
+from qmachina.live.ingest import LiveIngestor, LiveTarget  # noqa: E402
+from qmachina.serving.live_source import DEFAULT_POLL_SECONDS  # noqa: E402
+from qmachina.silver_build import grid_config_of  # noqa: E402
+from qmachina.specs.pipeline import default_configs_root, resolve_pipeline  # noqa: E402
+
+KEY = "db-" + "b" * 24 + "bench"
+DATASET = "GLBX.MDP3"
+# The shipped ES pipeline: its grid, and the raw symbol the synthetic tape is written under.
+ES_PIPELINE = resolve_pipeline(
+    default_configs_root() / "pipelines" / "es_default.yaml", check_files=False
+)
+ES_GRID: GridConfig = grid_config_of(ES_PIPELINE)
+SYMBOL: str = ES_PIPELINE.instrument.symbol
+TARGET_EVENTS_PER_S = 1_000_000
+TARGET_LATENCY_MS_BEYOND_BIN = 2.0
+# A follow that sees no new bronze for this long has lost its ingestion.
+STALL_SECONDS = 30.0
+# An MBO record as a ts_out subscription receives it: the gateway's send time appended.
+MBO_WITH_SEND_TIME = np.dtype([*DBN_MBO_DTYPE.descr, ("ts_out", "<u8")])
+
+I8 = npt.NDArray[np.int64]
+
+
+class WallClockSendTimes(TapeClock):
+    """An as-fast-as-possible market clock whose "now" is the wall clock: what the gateway
+    stamps on the records it sends (``ts_out``) and on its control records. At ``speed=max``
+    the market releases records without reading it."""
+
+    def now_ns(self) -> int:
+        return time.time_ns()
+
+
+def serve_gateway(tape: Path, port_out: Connection) -> None:
+    """Child process: serve ``tape`` as fast as possible until terminated; the bound port goes
+    to ``port_out``."""
+    gateway = LiveGateway.from_files([tape], keys=[KEY], speed=math.inf)
+    gateway.clock = WallClockSendTimes(gateway.clock.origin_ns, math.inf)
+
+    async def serve() -> None:
+        port_out.send(await gateway.start())
+        await gateway.serve_forever()
+
+    asyncio.run(serve())
+
+
+def ingest_session(
+    port: int, bronze_root: Path, session_id: str, start_ns: int, records: int, done: Connection
+) -> None:
+    """Child process: ingest the tape from ``start_ns`` into bronze session ``session_id``; the
+    wall time (ns) at which bronze holds ``records`` records goes to ``done`` (None if the
+    ingestor stopped first)."""
+    target = LiveTarget(
+        host="127.0.0.1",
+        port=port,
+        dataset=DATASET,
+        symbols=(SYMBOL,),
+        key=SecretStr(KEY),
+        ts_out=True,
+    )
+    with Bronze.open(bronze_root, session_id) as bronze:
+        ingestor = LiveIngestor(target, bronze, session_start=start_ns)
+        stop = threading.Event()
+        thread = threading.Thread(target=ingestor.run, args=(stop,))
+        thread.start()
+        while ingestor.written < records and thread.is_alive():
+            time.sleep(0.001)
+        done.send(time.time_ns() if ingestor.written >= records else None)
+        stop.set()
+        thread.join()
+
+
+def start_process(target: Any, *args: object) -> tuple[BaseProcess, Connection]:
+    """``target(*args, sender)`` in a process of its own; the receiving end of ``sender``."""
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    process = multiprocessing.Process(target=target, args=(*args, sender), daemon=True)
+    process.start()
+    sender.close()  # the child holds the only sending end: its exit ends receiver.recv()
+    return process, receiver
+
+
+def start_gateway(tape: Path) -> tuple[BaseProcess, int]:
+    """The gateway process and its port."""
+    process, receiver = start_process(serve_gateway, tape)
+    try:
+        port = int(receiver.recv())
+    except EOFError:
+        raise RuntimeError("the gateway process exited before listening") from None
+    return process, port
+
+
+def bronze_done_ns(receiver: Connection, process: BaseProcess) -> int:
+    """When the ingestion process's bronze held every record (wall ns); waits for it to end."""
+    try:
+        done = receiver.recv()
+    except EOFError:
+        done = None
+    process.join()
+    if done is None:
+        raise RuntimeError(f"ingestion stopped early (exit code {process.exitcode})")
+    return int(done)
+
+
+@dataclass(frozen=True)
+class SilverRun:
+    """What following one bronze session into silver gave."""
+
+    started_ns: int  # wall time the follow began
+    finished_ns: int  # wall time the last record had been fed (the bins it closed published)
+    cum_events: I8  # per published bin: events fed through its end (its cum_event_id)
+    published_ns: I8  # per published bin: wall time it came out of the builder
+
+    @property
+    def bins(self) -> int:
+        return len(self.cum_events)
+
+
+def follow_into_silver(
+    session_dir: Path, instrument_id: int, records: int, poll_seconds: float
+) -> SilverRun:
+    """Follow the session's bronze into silver until ``records`` records have been fed."""
+    builder = SilverBuilder(ES_GRID)
+    cum_events: list[I8] = []
+    published_ns: list[I8] = []
+    fed = 0
+    started_ns = time.time_ns()
+    last_seen = time.monotonic()
+    with BronzeTail(session_dir) as tail:
+        while fed < records:
+            blocks = tail.read()
+            if not blocks:
+                if time.monotonic() - last_seen > STALL_SECONDS:
+                    raise RuntimeError(f"{session_dir}: no new bronze for {STALL_SECONDS:g} s")
+                time.sleep(poll_seconds)
+                continue
+            last_seen = time.monotonic()
+            assert tail.stream is not None  # a block is read only after the header
+            for block in blocks:
+                events = mbo_events(block, tail.stream.version, instrument_id, ts_out=True)
+                _, batches = builder.feed_until_bin(events, -1)
+                now = time.time_ns()
+                for batch in batches:
+                    cum_events.append(batch.column("cum_event_id").to_numpy())
+                    published_ns.append(np.full(batch.num_rows, now, dtype=np.int64))
+                fed += len(events)
+    finished_ns = time.time_ns()
+    if not cum_events:
+        raise RuntimeError(f"no silver bin was closed by {records} records: give more --events")
+    return SilverRun(
+        started_ns, finished_ns, np.concatenate(cum_events), np.concatenate(published_ns)
+    )
+
+
+def received_records(session_dir: Path, instrument_id: int) -> npt.NDArray[np.void]:
+    """The instrument's MBO records in bronze, in stream order, each with its ``ts_out``."""
+    parts = []
+    for path in sorted(session_dir.glob("*.mbo.dbn")):
+        _, block = read_bronze_file(path)
+        mine = block.select((block.rtype == MBO_RTYPE) & (block.instrument_id == instrument_id))
+        parts.append(np.frombuffer(mine.data, dtype=MBO_WITH_SEND_TIME))
+    return np.concatenate(parts)
+
+
+def latencies_ms(run: SilverRun, received: npt.NDArray[np.void]) -> npt.NDArray[np.float64]:
+    """Per record in a published bin (the snapshot aside): its bin's publish time minus its
+    gateway send time, in ms. Record ``i`` (in feed order) is in the first bin whose
+    ``cum_event_id`` exceeds ``i``."""
+    index = np.arange(len(received))
+    in_bin = (index < run.cum_events[-1]) & ((received["flags"] & F_SNAPSHOT) == 0)
+    bins = np.searchsorted(run.cum_events, index[in_bin], side="right")
+    sent = received["ts_out"][in_bin].astype(np.int64)
+    return np.asarray((run.published_ns[bins] - sent) / 1e6, dtype=np.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=2_000_000, help="MBO records in the tape")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--poll-ms",
+        type=float,
+        default=DEFAULT_POLL_SECONDS * 1000,
+        help="how long the silver follow sleeps once it has caught up with bronze",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--keep", action="store_true", help="keep the tape and the bronze")
+    args = parser.parse_args()
+    n = args.events
+    poll_seconds = args.poll_ms / 1000
+
+    workdir = Path(tempfile.mkdtemp(prefix="qmachina-bench-live-"))
+    try:
+        events = generate_events(n, args.seed)
+        instrument_id = int(events["instrument_id"][0])
+        start_ns = int(events["ts_recv"][0])
+        tape = workdir / "tape.mbo.dbn"
+        write_dbn(events, tape, dataset=DATASET, symbol=SYMBOL)
+        warm = SilverBuilder(ES_GRID)  # compile (or load the numba cache) before timing
+        warm.feed(events[: min(n, 10_000)])
+        warm.finish()
+        bronze_root = workdir / "bronze"
+
+        gateway, port = start_gateway(tape)
+        try:
+            ingest, done = start_process(ingest_session, port, bronze_root, "ingest", start_ns, n)
+            ingest_done_ns = bronze_done_ns(done, ingest)
+            ingest_sent_ns = int(
+                received_records(bronze_root / "ingest", instrument_id)["ts_out"][0]
+            )
+            silver = follow_into_silver(bronze_root / "ingest", instrument_id, n, poll_seconds)
+
+            ingest, done = start_process(ingest_session, port, bronze_root, "live", start_ns, n)
+            live = follow_into_silver(bronze_root / "live", instrument_id, n, poll_seconds)
+            live_bronze_ns = bronze_done_ns(done, ingest)
+        finally:
+            gateway.terminate()
+            gateway.join(timeout=10)
+        received = received_records(bronze_root / "live", instrument_id)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir)
+
+    latency = latencies_ms(live, received)
+    live_sent_ns = int(received["ts_out"][0])
+    seconds = {
+        "end_to_end": (live.finished_ns - live_sent_ns) / 1e9,
+        "end_to_end_bronze": (live_bronze_ns - live_sent_ns) / 1e9,
+        "ingest_only": (ingest_done_ns - ingest_sent_ns) / 1e9,
+        "silver_only": (silver.finished_ns - silver.started_ns) / 1e9,
+    }
+    bin_width_ms = ES_GRID.bin_width_ns / 1e6
+    target_p99_ms = TARGET_LATENCY_MS_BEYOND_BIN + bin_width_ms
+    events_per_s = n / seconds["end_to_end"]
+    p50, p99 = (float(v) for v in np.percentile(latency, [50, 99]))
+    result: dict[str, Any] = {
+        "events": n,
+        "bins": live.bins,
+        "latency_records": len(latency),
+        "events_per_s": round(events_per_s),
+        "ingest_events_per_s": round(n / seconds["ingest_only"]),
+        "silver_events_per_s": round(n / seconds["silver_only"]),
+        "latency_p50_ms": round(p50, 3),
+        "latency_p99_ms": round(p99, 3),
+        "latency_max_ms": round(float(latency.max()), 3),
+        "bin_width_ms": bin_width_ms,
+        "target_events_per_s": TARGET_EVENTS_PER_S,
+        "target_p99_ms": target_p99_ms,
+        "meets_throughput_target": events_per_s >= TARGET_EVENTS_PER_S,
+        "meets_latency_target": p99 <= target_p99_ms,
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
+        "config": {
+            "pipeline": ES_PIPELINE.spec.name,
+            "symbol": SYMBOL,
+            "instrument_id": instrument_id,
+            "seed": args.seed,
+            "grid": {
+                "bin_width_ns": ES_GRID.bin_width_ns,
+                "bin_clock": ES_GRID.bin_clock,
+                "grid_radius_ticks": ES_GRID.grid_radius_ticks,
+                "n_absolute_ticks": ES_GRID.n_absolute_ticks,
+            },
+            "gateway_speed": "max",
+            "silver_poll_ms": args.poll_ms,
+            "latency": "per record: bin publish wall time - gateway ts_out (wall clock)",
+        },
+    }
+    if args.keep:
+        result["workdir"] = str(workdir)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            shown = f"{value:,}" if type(value) is int else value
+            print(f"{key:>24}: {shown}")
+
+
+if __name__ == "__main__":
+    main()
