@@ -1138,6 +1138,17 @@ def test_a_contract_roll_starts_a_new_segment(
     assert first_new["bin_start_ns"][0].as_py() == roll_ns
 
 
+def read_until(events: Iterator[np.ndarray], count: int, stop: threading.Event) -> np.ndarray:
+    """A live segment's events until ``count`` have come, then ``stop`` (it would follow the
+    bronze for ever)."""
+    got: list[np.ndarray] = []
+    for batch in events:
+        got.append(batch)
+        if sum(map(len, got)) == count:
+            stop.set()
+    return np.concatenate(got)
+
+
 def test_a_roll_seen_in_the_bronze_alone(tmp_path: Path, sample_dir: Path) -> None:
     """A session of one continuous symbol that turns to another instrument has rolled, even
     before (or without) its roll being recorded; the new segment reads from the start."""
@@ -1162,12 +1173,7 @@ def test_a_roll_seen_in_the_bronze_alone(tmp_path: Path, sample_dir: Path) -> No
     assert (new.index, new.contract, new.rolled_from) == (1, Contract(OTHER_ID), Contract(ESH4_ID))
     assert new.roll_ts_ns == roll_ns
     expected = np.concatenate(list(replay_files(files, instrument_id=OTHER_ID)))
-    got = []
-    for events in new.events:
-        got.append(events)
-        if sum(map(len, got)) == len(expected):
-            stop.set()
-    assert np.array_equal(np.concatenate(got), expected)
+    assert np.array_equal(read_until(new.events, len(expected), stop), expected)
     assert next(segments, None) is None
 
     # A version of the contract rolled to starts on it: the contract before it is history.
@@ -1177,12 +1183,7 @@ def test_a_roll_seen_in_the_bronze_alone(tmp_path: Path, sample_dir: Path) -> No
     segments = LiveSessionSource(tmp_path / "roll", later, lambda: (roll,), stop).segments()
     only = next(segments)
     assert (only.contract, only.rolled_from) == (Contract(OTHER_ID, "ESM4"), None)
-    got = []
-    for events in only.events:
-        got.append(events)
-        if sum(map(len, got)) == len(expected):
-            stop.set()
-    assert np.array_equal(np.concatenate(got), expected)
+    assert np.array_equal(read_until(only.events, len(expected), stop), expected)
     assert next(segments, None) is None
 
 
@@ -1219,12 +1220,7 @@ def test_a_calendar_session_follows_its_recorded_rolls(tmp_path: Path, sample_di
     )
     assert new.roll_ts_ns == roll_ns
     expected = np.concatenate(list(replay_files(files, instrument_id=OTHER_ID)))
-    got = []
-    for events in new.events:
-        got.append(events)
-        if sum(map(len, got)) == len(expected):
-            stop.set()
-    assert np.array_equal(np.concatenate(got), expected)
+    assert np.array_equal(read_until(new.events, len(expected), stop), expected)
 
 
 def test_live_sources_that_cannot_feed_the_version(tmp_path: Path, sample_dir: Path) -> None:
