@@ -14,10 +14,8 @@ session's bronze (sleeping ``--poll-ms`` when it has caught up, the serving defa
 :func:`~qmachina.live.bronze_tail.mbo_events` decodes, and :class:`engine.silver.SilverBuilder`
 with the shipped ES pipeline's grid is fed with ``feed_until_bin(events, -1)`` as
 ``ServingComputation.feed`` does it. A bin counts as published when that call returns it; gold,
-the signal and the wire encoding are not included. The tail is followed here rather than through
-:class:`qmachina.serving.live_source.LiveSessionSource` because that source takes ``ts_out`` from
-the bronze header, which :class:`qmachina.live.bronze.Bronze` writes as ``ts_out=0``: it refuses
-the records of a ``ts_out`` session (64 bytes where it expects 56).
+the signal and the wire encoding are not included. The tail and the decoding are those of
+:class:`qmachina.serving.live_source.LiveSessionSource`, without its contract-roll handling.
 
 Three runs on one gateway, each with its own bronze session:
 

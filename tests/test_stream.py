@@ -56,9 +56,10 @@ from engine.silver_frame import SilverFrame
 from qmachina.auth import mint_token
 from qmachina.cli import app as cli
 from qmachina.experiment_run import silver_frame_of
-from qmachina.live.bronze import Bronze, BronzeStream
+from qmachina.live.bronze import Bronze, BronzeMismatchError, BronzeStream
 from qmachina.live.bronze_tail import BronzeTail, mbo_events
 from qmachina.live.gateway_book import MBO_RECORD_DTYPE
+from qmachina.live.gateway_protocol import with_ts_out
 from qmachina.live.record_block import RecordBlock
 from qmachina.serving import wire
 from qmachina.serving.live_source import (
@@ -880,12 +881,15 @@ def open_bronze(
     *,
     stype_in: str = "raw_symbol",
     symbols: tuple[str, ...],
+    ts_out: bool = False,
 ) -> Bronze:
     """A session's bronze, begun as an ingestor begins it for a subscription that started
     with the tape's first record (a snapshot stamped the day before, by ts_event)."""
     bronze = Bronze.open(root, session_id)
     start = int(tape["ts_event"].min())
-    bronze.begin(BronzeStream("GLBX.MDP3", "mbo", 1, start, stype_in=stype_in, symbols=symbols))
+    bronze.begin(
+        BronzeStream("GLBX.MDP3", "mbo", 1, start, stype_in, symbols=symbols, ts_out=ts_out)
+    )
     return bronze
 
 
@@ -1221,6 +1225,35 @@ def test_a_calendar_session_follows_its_recorded_rolls(tmp_path: Path, sample_di
     assert new.roll_ts_ns == roll_ns
     expected = np.concatenate(list(replay_files(files, instrument_id=OTHER_ID)))
     assert np.array_equal(read_until(new.events, len(expected), stop), expected)
+
+
+def test_a_session_with_send_times_feeds_the_same_events(tmp_path: Path, sample_dir: Path) -> None:
+    """A ``ts_out`` subscription's records end with the gateway's send time: bronze says so in
+    its header, keeps it across a resume, and the live source reads the same events."""
+    tape = live_tape(sample_dir, 2)
+    sent = with_ts_out(tape.tobytes(), 1_700_000_000_000_000_000)
+    offsets = np.arange(0, len(tape) * (RECORD + 8) + 1, RECORD + 8, dtype=np.int64)
+    for name, block, ts_out in (
+        ("plain", block_of(tape), False),
+        ("sent", RecordBlock.from_bytes(sent, offsets, RECORD + 8), True),
+    ):
+        with open_bronze(tmp_path, name, tape, symbols=("ESH4",), ts_out=ts_out) as bronze:
+            bronze.append(block)
+    plain_stream = BronzeStream("GLBX.MDP3", "mbo", 1, 0, "raw_symbol", ("ESH4",))
+    with (
+        Bronze.open(tmp_path, "sent") as resumed,
+        pytest.raises(BronzeMismatchError, match="with the gateway's send time"),
+    ):
+        resumed.begin(plain_stream)
+    expected = np.concatenate(
+        list(replay_files(day_files(tmp_path, "plain"), instrument_id=ESH4_ID))
+    )
+    capture = CaptureSpec(dataset_files=("unused.dbn",), raw_symbol="ESH4")
+    for name in ("plain", "sent"):
+        stop = threading.Event()
+        source = LiveSessionSource(tmp_path / name, capture, lambda: (), stop, poll_seconds=0.01)
+        segment = next(source.segments())
+        assert np.array_equal(read_until(segment.events, len(expected), stop), expected), name
 
 
 def test_live_sources_that_cannot_feed_the_version(tmp_path: Path, sample_dir: Path) -> None:

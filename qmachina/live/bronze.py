@@ -91,6 +91,8 @@ class BronzeStream:
     start: int
     stype_in: str | None = None
     symbols: tuple[str, ...] = ()
+    ts_out: bool = False
+    """Whether every record ends with the gateway's send time (a ``ts_out`` subscription)."""
 
     def header(self, day: int, *, first: bool) -> bytes:
         """The DBN metadata of the file for UTC day number ``day`` (days since the epoch)."""
@@ -105,19 +107,29 @@ class BronzeStream:
             not_found=[],
             mappings=[],
             end=(day + 1) * NS_PER_DAY,
-            ts_out=False,
+            ts_out=self.ts_out,
             version=self.version,
         )
         return bytes(metadata.encode())
 
+    def describe(self) -> str:
+        """What the stream's records are, for messages."""
+        with_send_time = ", with the gateway's send time" if self.ts_out else ""
+        return (
+            f"{self.schema} records of {self.dataset} (DBN v{self.version}, {self.stype_in} "
+            f"{list(self.symbols)}{with_send_time})"
+        )
+
     def same_subscription(self, other: BronzeStream) -> bool:
         """Whether ``other`` may append to files written for this stream (start aside)."""
-        return (self.dataset, self.schema, self.version, self.stype_in, self.symbols) == (
+        mine = (self.dataset, self.schema, self.version, self.stype_in, self.symbols, self.ts_out)
+        return mine == (
             other.dataset,
             other.schema,
             other.version,
             other.stype_in,
             other.symbols,
+            other.ts_out,
         )
 
 
@@ -175,6 +187,7 @@ def _read_header(path: Path, raw: bytes, first: bool) -> tuple[BronzeStream | No
         start=int(metadata.start) if first else 0,
         stype_in=stype_in,
         symbols=tuple(str(s) for s in metadata.symbols),
+        ts_out=bool(metadata.ts_out),
     )
     return stream, meta_end
 
@@ -352,11 +365,7 @@ class Bronze:
         elif not self._stream.same_subscription(stream):
             raise BronzeMismatchError(
                 self.session_dir,
-                f"the session holds {self._stream.schema} records of {self._stream.dataset} "
-                f"(DBN v{self._stream.version}, {self._stream.stype_in} "
-                f"{list(self._stream.symbols)}); cannot append {stream.schema} records of "
-                f"{stream.dataset} (DBN v{stream.version}, {stream.stype_in} "
-                f"{list(stream.symbols)})",
+                f"the session holds {self._stream.describe()}; cannot append {stream.describe()}",
             )
 
     def append(self, records: RecordBlock | Sequence[bytes]) -> None:

@@ -147,6 +147,7 @@ class BronzeTail:
                 start=int(metadata.start),
                 stype_in=None if metadata.stype_in is None else str(metadata.stype_in),
                 symbols=tuple(str(s) for s in metadata.symbols),
+                ts_out=bool(metadata.ts_out),
             )
         elif int(metadata.version) != self.stream.version:
             raise BronzeCorruptError(

@@ -494,6 +494,7 @@ class LiveIngestor:
                 start=floor,
                 stype_in=target.stype_in,
                 symbols=target.symbols,
+                ts_out=bool(metadata.ts_out),
             )
         )
         self._stream_checked = True
