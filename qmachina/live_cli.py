@@ -5,12 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 
 from qmachina.cli_errors import fail
-from qmachina.sweep_cli import ApiError, ApiOption, TokenOption, api_request, connect_api
+from qmachina.sweep_cli import ApiOption, TokenOption, call_api, connect_api
 
 LIVE_PATH = "/v1/ingestion/live/sessions"
 
@@ -19,13 +18,6 @@ out = Console(soft_wrap=True, highlight=False)
 
 WorkspaceOption = Annotated[str, typer.Option(help="The workspace's slug.")]
 SessionArgument = Annotated[str, typer.Argument(help="The session's id.")]
-
-
-def _call(client: httpx.Client, method: str, path: str, workspace: str, **kwargs: Any) -> Any:
-    try:
-        return api_request(client, method, path, params={"workspace": workspace}, **kwargs)
-    except ApiError as error:
-        raise fail(str(error)) from None
 
 
 def show_session(view: dict[str, Any]) -> None:
@@ -104,7 +96,7 @@ def start(
         body["roll_policy"] = "calendar"
         body["roll_calendar"] = {"name": roll_calendar, "schedule": [_step(s) for s in roll_at]}
     with connect_api(api, token) as client:
-        show_session(_call(client, "POST", LIVE_PATH, workspace, json=body))
+        show_session(call_api(client, "POST", LIVE_PATH, workspace, json=body))
 
 
 def _step(text: str) -> dict[str, str]:
@@ -127,7 +119,7 @@ def status(
 ) -> None:
     """The session's state, connection, counts, checkpoint, lag and rolls."""
     with connect_api(api, token) as client:
-        show_session(_call(client, "GET", f"{LIVE_PATH}/{session}", workspace))
+        show_session(call_api(client, "GET", f"{LIVE_PATH}/{session}", workspace))
 
 
 @app.command("stop")
@@ -141,7 +133,9 @@ def stop(
     """Ask the session to drain and stop."""
     with connect_api(api, token) as client:
         show_session(
-            _call(client, "POST", f"{LIVE_PATH}/{session}/stop", workspace, json={"reason": reason})
+            call_api(
+                client, "POST", f"{LIVE_PATH}/{session}/stop", workspace, json={"reason": reason}
+            )
         )
 
 
@@ -153,7 +147,7 @@ def list_sessions(
 ) -> None:
     """The workspace's live sessions, newest first."""
     with connect_api(api, token) as client:
-        page = _call(client, "GET", LIVE_PATH, workspace)
+        page = call_api(client, "GET", LIVE_PATH, workspace)
     for item in page["items"]:
         out.print(
             f"{item['id']}  {item['created_at']}  {item['dataset']} {','.join(item['symbols'])}"

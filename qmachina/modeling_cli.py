@@ -21,7 +21,7 @@ from rich.console import Console
 
 from qmachina.cli_errors import fail
 from qmachina.modeling.draft import STEP_NAMES
-from qmachina.sweep_cli import ApiError, ApiOption, TokenOption, api_request, connect_api
+from qmachina.sweep_cli import ApiOption, TokenOption, call_api, connect_api
 
 SESSIONS_PATH = "/v1/modeling/sessions"
 FOLLOW_SECONDS = 1.0
@@ -34,13 +34,6 @@ SessionArgument = Annotated[str, typer.Argument(help="The session's id.")]
 AdvisorOption = Annotated[
     bool, typer.Option("--advisor", help="Commit as an advisor acting for you.")
 ]
-
-
-def _call(client: httpx.Client, method: str, path: str, workspace: str, **kwargs: Any) -> Any:
-    try:
-        return api_request(client, method, path, params={"workspace": workspace}, **kwargs)
-    except ApiError as error:
-        raise fail(str(error)) from None
 
 
 def step_number(step: str) -> int:
@@ -102,7 +95,7 @@ def _follow(
 ) -> dict[str, Any]:
     while view["state"] in waiting:
         time.sleep(FOLLOW_SECONDS)
-        view = _call(client, "GET", f"{SESSIONS_PATH}/{view['id']}", workspace)
+        view = call_api(client, "GET", f"{SESSIONS_PATH}/{view['id']}", workspace)
     return view
 
 
@@ -115,7 +108,7 @@ def new(
 ) -> None:
     """Open a session; step 1 (dataset) is next."""
     with connect_api(api, token) as client:
-        show_session(_call(client, "POST", SESSIONS_PATH, workspace, json={"title": title}))
+        show_session(call_api(client, "POST", SESSIONS_PATH, workspace, json={"title": title}))
 
 
 @app.command("show")
@@ -127,7 +120,7 @@ def show(
 ) -> None:
     """Every step's state, what is next, the execution's progress, the promotion."""
     with connect_api(api, token) as client:
-        show_session(_call(client, "GET", f"{SESSIONS_PATH}/{session}", workspace))
+        show_session(call_api(client, "GET", f"{SESSIONS_PATH}/{session}", workspace))
 
 
 @app.command("commit")
@@ -152,7 +145,7 @@ def commit(
     number = step_number(step)
     body = {"payload": _payload(file, from_file), "actor_type": "advisor" if advisor else "user"}
     with connect_api(api, token) as client:
-        view = _call(
+        view = call_api(
             client, "POST", f"{SESSIONS_PATH}/{session}/steps/{number}/commit", workspace, json=body
         )
         if wait:
@@ -172,7 +165,7 @@ def reopen(
     """Take a committed step back; the steps after it are invalidated."""
     number = step_number(step)
     with connect_api(api, token) as client:
-        view = _call(
+        view = call_api(
             client,
             "POST",
             f"{SESSIONS_PATH}/{session}/steps/{number}/reopen",
@@ -192,7 +185,7 @@ def manual(
 ) -> None:
     """Fill steps 1-4 from a model file (pipeline, gold, serving, experiment)."""
     with connect_api(api, token) as client:
-        view = _call(
+        view = call_api(
             client,
             "POST",
             f"{SESSIONS_PATH}/{session}/manual",
@@ -212,7 +205,7 @@ def cancel(
 ) -> None:
     """Cancel the running sweep of step 5."""
     with connect_api(api, token) as client:
-        view = _call(
+        view = call_api(
             client,
             "POST",
             f"{SESSIONS_PATH}/{session}/execution/cancel",
@@ -232,7 +225,7 @@ def promote(
 ) -> None:
     """Promote a completed session and follow it; exits 1 when the promotion is refused."""
     with connect_api(api, token) as client:
-        view = _call(
+        view = call_api(
             client, "POST", f"{SESSIONS_PATH}/{session}/promote", workspace, json={"reason": reason}
         )
         view = _follow(client, view, workspace, ("promoting",))
@@ -251,7 +244,7 @@ def decisions(
 ) -> None:
     """The session's decision log, oldest first."""
     with connect_api(api, token) as client:
-        log = _call(client, "GET", f"{SESSIONS_PATH}/{session}/decisions", workspace)
+        log = call_api(client, "GET", f"{SESSIONS_PATH}/{session}/decisions", workspace)
     for entry in log["entries"]:
         if as_json:
             out.print(json.dumps(entry), markup=False)

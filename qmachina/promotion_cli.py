@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from qmachina.cli_errors import fail
-from qmachina.sweep_cli import ApiError, ApiOption, TokenOption, api_request, connect_api
+from qmachina.sweep_cli import ApiOption, TokenOption, call_api, connect_api
 
 PROMOTIONS_PATH = "/v1/serving/promotions"
 VERSIONS_PATH = "/v1/serving/versions"
@@ -29,13 +29,6 @@ out = Console(soft_wrap=True, highlight=False)
 
 WorkspaceOption = Annotated[str, typer.Option(help="The workspace's slug.")]
 ReasonOption = Annotated[str, typer.Option(help="Why: recorded in the alias's history.")]
-
-
-def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
-    try:
-        return api_request(client, method, path, **kwargs)
-    except ApiError as error:
-        raise fail(str(error)) from None
 
 
 def _thresholds(given: list[str]) -> dict[str, float]:
@@ -72,7 +65,7 @@ def status(
     """Show the alias's latest promotion."""
     with connect_api(api, token) as client:
         show_promotion(
-            _call(client, "GET", f"{PROMOTIONS_PATH}/{alias}", params={"workspace": workspace})
+            call_api(client, "GET", f"{PROMOTIONS_PATH}/{alias}", params={"workspace": workspace})
         )
 
 
@@ -87,7 +80,7 @@ def decide(
 ) -> None:
     """Approve or refuse the alias's promotion awaiting a decision (not your own)."""
     with connect_api(api, token) as client:
-        view = _call(
+        view = call_api(
             client,
             "POST",
             f"{PROMOTIONS_PATH}/{alias}/decision",
@@ -100,7 +93,7 @@ def decide(
 def _follow(client: httpx.Client, view: dict[str, Any], workspace: str) -> dict[str, Any]:
     while view["state"] in WAITING:
         time.sleep(FOLLOW_SECONDS)
-        view = _call(
+        view = call_api(
             client, "GET", f"{PROMOTIONS_PATH}/{view['alias']}", params={"workspace": workspace}
         )
     return view
@@ -109,7 +102,7 @@ def _follow(client: httpx.Client, view: dict[str, Any], workspace: str) -> dict[
 def register_run(client: httpx.Client, workspace: str, run: str) -> str:
     """Register the run ``JOB_ID:POINT_HASH`` as a serving version; its id."""
     job_id, _, point_hash = run.partition(":")
-    registered = _call(
+    registered = call_api(
         client,
         "POST",
         VERSIONS_PATH,
@@ -123,7 +116,7 @@ def register_run(client: httpx.Client, workspace: str, run: str) -> str:
 def promote_version(client: httpx.Client, workspace: str, body: dict[str, Any]) -> dict[str, Any]:
     """Start the promotion ``body`` describes and follow it until it ends or awaits a
     decision; its last view."""
-    started = _call(client, "POST", PROMOTIONS_PATH, params={"workspace": workspace}, json=body)
+    started = call_api(client, "POST", PROMOTIONS_PATH, params={"workspace": workspace}, json=body)
     return _follow(client, started, workspace)
 
 
@@ -176,7 +169,7 @@ def rollback(
 ) -> None:
     """Point the alias back at the version it named before its latest activation."""
     with connect_api(api, token) as client:
-        result = _call(
+        result = call_api(
             client,
             "POST",
             f"{ALIASES_PATH}/{alias}/rollback",

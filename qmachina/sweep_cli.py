@@ -136,6 +136,19 @@ def api_request(
     return None if response.status_code == httpx.codes.NO_CONTENT else response.json()
 
 
+def call_api(
+    client: httpx.Client, method: str, path: str, workspace: str | None = None, **kwargs: Any
+) -> Any:
+    """:func:`api_request` in ``workspace`` (its slug as the ``workspace`` parameter, when
+    given) for a command: an error exits 2 with its message."""
+    if workspace is not None:
+        kwargs["params"] = {**kwargs.get("params", {}), "workspace": workspace}
+    try:
+        return api_request(client, method, path, **kwargs)
+    except ApiError as error:
+        raise fail(str(error)) from None
+
+
 def _hinted(lines: list[str], response: httpx.Response) -> list[str]:
     return [*lines, UNAUTHORIZED_HINT] if response.status_code == 401 else lines
 
