@@ -7,7 +7,8 @@ import asyncio
 import socket
 import sys
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,6 +44,24 @@ async def start_dev_server() -> WorkflowEnvironment:
         search_attributes=QMACHINA_SEARCH_ATTRIBUTES,
         dev_server_extra_args=["--dynamic-config-value", "frontend.enableServerVersionCheck=false"],
     )
+
+
+def until(check: Callable[[], Any], *, timeout: float = 240.0, every: float = 0.2) -> Any:
+    """Call ``check`` until it answers something true (that answer), failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+
+
+def ok(response: httpx.Response, status: int = 200) -> dict[str, Any]:
+    """The JSON body of a response that must have ``status``."""
+    assert response.status_code == status, response.text
+    body: dict[str, Any] = response.json()
+    return body
 
 
 class BackgroundLoop:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from qmachina.store.bootstrap import bootstrap_store
 from qmachina.store.database import create_store_engine, default_sqlite_url, session_factory
 from qmachina.store.models import AuditEvent, ContractRollEvent
 from qmachina.temporal_names import LIVE_TASK_QUEUE, live_workflow_id
-from tests.live_server import BackgroundLoop, start_dev_server
+from tests.live_server import BackgroundLoop, ok, start_dev_server, until
 from tests.live_tapes import ESH4, ESM4, STEP_NS, T0, mbo_flow, write_tape
 from tests.ports import free_port
 from worker.main import sweep_worker
@@ -178,22 +177,6 @@ class LiveStack(BackgroundLoop):
             )
 
         return self.run(start())
-
-
-def until(check: Callable[[], Any], *, timeout: float = 120.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(every)
-
-
-def ok(response: httpx.Response, status: int = 200) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def iso(ns: int) -> str:

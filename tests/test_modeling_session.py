@@ -12,9 +12,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from qmachina.store.bootstrap import bootstrap_store
 from qmachina.store.database import create_store_engine, default_sqlite_url, session_factory
 from qmachina.store.models import AuditEvent, ExperimentJob, ExperimentRun
 from qmachina.temporal_names import MODELING_TASK_QUEUE, modeling_workflow_id
-from tests.live_server import BackgroundLoop, start_dev_server
+from tests.live_server import BackgroundLoop, ok, start_dev_server, until
 from worker.main import sweep_worker
 from workflows.modeling_session import (
     Actor,
@@ -182,22 +181,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelingStack]:
         yield live
     finally:
         live.close()
-
-
-def until(check: Callable[[], Any], *, timeout: float = 240.0, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(every)
-
-
-def ok(response: httpx.Response, status: int = 200) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def _update_events(history: WorkflowHistory) -> int:
