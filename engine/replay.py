@@ -56,6 +56,18 @@ from databento.common.constants import (
 )
 
 from engine.events import EVENT_DTYPE
+from engine.replay_kernel import (
+    BAD_ACTION,
+    BAD_RECORD,
+    BAD_SIDE,
+    CONVERT_DONE,
+    CONVERT_END,
+    CONVERT_FULL,
+    GOES_BACK,
+    MBO_RTYPE,
+    NO_END,
+    convert_mbo_records,
+)
 
 __all__ = [
     "CorruptFileError",
@@ -82,10 +94,12 @@ EventArray = npt.NDArray[np.void]
 
 PathLike = str | os.PathLike[str]
 
-# Records decoded per read; independent of the caller's batch size so tiny batches stay cheap.
-_READ_RECORDS: Final = 65_536
-# Compressed bytes fed to zstd per step: small enough that reading a header stays cheap.
-_ZSTD_READ_BYTES: Final = 1 << 17
+# Compressed bytes fed to zstd per step: the first read is small so that reading a header stays
+# cheap, later ones double up to the largest so that the per-step overhead vanishes.
+_ZSTD_FIRST_READ: Final = 1 << 16
+_ZSTD_LARGEST_READ: Final = 1 << 20
+# Bytes read per step from a plain file.
+_PLAIN_READ: Final = 1 << 22
 _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 _DBN_MAGIC: Final = b"DBN"
 _DBN_PRELUDE: Final = 8  # b"DBN" + version byte + u32 metadata length
@@ -94,11 +108,6 @@ DBN_STRUCT_MAPS: Final[dict[int, dict[Any, Any]]] = {
     2: SCHEMA_STRUCT_MAP_V2,
     3: SCHEMA_STRUCT_MAP,
 }
-_MBO_RTYPE: Final = 0xA0
-_VALID_ACTIONS: Final = np.zeros(256, dtype=np.bool_)
-_VALID_ACTIONS[list(b"ACMRTFN")] = True
-_VALID_SIDES: Final = np.zeros(256, dtype=np.bool_)
-_VALID_SIDES[list(b"ABN")] = True
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # Keep each file's own DBN version (its record layout); the stub types enum members as int.
 _AS_IS: Final = cast("databento_dbn.VersionUpgradePolicy", databento_dbn.VersionUpgradePolicy.AS_IS)
@@ -184,6 +193,16 @@ class _PlainSource:
             want -= len(chunk)
         return b"".join(parts)
 
+    def read_some(self) -> bytes:
+        """The next bytes of the file, as many as one read gives; empty at the end."""
+        if self._head:
+            head, self._head = self._head, b""
+            return head + self._fh.read(_PLAIN_READ)
+        return self._fh.read(_PLAIN_READ)
+
+    def verify_frame(self) -> None:
+        """Nothing to verify: DBN has no checksum of its own."""
+
 
 class _ZstdSource:
     """Decompressed bytes of a ``.dbn.zst`` file, frame by frame.
@@ -199,20 +218,45 @@ class _ZstdSource:
         self._dctx = zstandard.ZstdDecompressor()
         self._frame = self._dctx.decompressobj()
         self._frame_started = False
-        self._out = bytearray()
+        self._out: list[bytes] = []  # decompressed, not yet read
+        self._out_bytes = 0
+        self._read_size = _ZSTD_FIRST_READ
+        self._frames_done = 0
         self._at_eof = False
         self.incomplete = False
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` decompressed bytes; fewer only at the end of the stream."""
-        while len(self._out) < n and not self._at_eof:
+        while self._out_bytes < n and not self._at_eof:
             self._pump()
-        data = bytes(self._out[:n])
-        del self._out[:n]
+        data = self._take()
+        if len(data) > n:
+            self._out, self._out_bytes = [data[n:]], len(data) - n
+            data = data[:n]
+        return data
+
+    def read_some(self) -> bytes:
+        """The next decompressed bytes, as many as one step gives; empty at the end."""
+        while not self._out_bytes and not self._at_eof:
+            self._pump()
+        return self._take()
+
+    def verify_frame(self) -> None:
+        """Decompress the rest of the current frame, dropping it, so that damage zstd detects
+        there (its content checksum) raises :class:`CorruptFileError`."""
+        frames = self._frames_done
+        while self._frames_done == frames and not self._at_eof:
+            self._out, self._out_bytes = [], 0
+            self._pump()
+
+    def _take(self) -> bytes:
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out, self._out_bytes = [], 0
         return data
 
     def _pump(self) -> None:
-        chunk = self._pending or self._fh.read(_ZSTD_READ_BYTES)
+        chunk = self._pending or self._fh.read(self._read_size)
+        self._read_size = min(2 * self._read_size, _ZSTD_LARGEST_READ)
         self._pending = b""
         if not chunk:
             self._at_eof = True
@@ -220,13 +264,17 @@ class _ZstdSource:
             return
         while chunk:
             try:
-                self._out += self._frame.decompress(chunk)
+                out = self._frame.decompress(chunk)
             except zstandard.ZstdError as exc:
                 raise CorruptFileError(self._path, f"corrupt zstd stream ({exc})") from exc
+            if out:
+                self._out.append(out)
+                self._out_bytes += len(out)
             self._frame_started = True
             if not self._frame.eof:
                 break
             # A file may hold several frames (Databento writes the metadata in its own frame).
+            self._frames_done += 1
             chunk = self._frame.unused_data
             self._frame = self._dctx.decompressobj()
             self._frame_started = False
@@ -294,23 +342,35 @@ class _DbnFile:
             fields.append(("ts_out", "u8"))  # live gateways append a send timestamp
         return np.dtype(fields)
 
-    def records(self, count: int = _READ_RECORDS) -> Iterator[npt.NDArray[np.void]]:
-        """Yield the records in arrays of at most ``count``; raise on any damage."""
+    def raw_chunks(self) -> Iterator[npt.NDArray[np.void]]:
+        """Yield the records as they are decompressed, in arrays over the decoded bytes (no
+        copy); raise at the end when the file stops inside a record or a zstd frame.
+
+        A record split between two reads comes out alone, so no read is ever copied whole.
+        """
         dtype = self.record_dtype()
         size = dtype.itemsize
-        is_mbo = self.schema == "mbo"
+        tail = b""
         done = 0
-        while data := self._source.read(size * count):
-            whole = len(data) - len(data) % size
+        while data := self._source.read_some():
+            skip = 0
+            if tail:
+                skip = size - len(tail)
+                head = tail + data[:skip]
+                if len(head) < size:
+                    tail = head
+                    continue
+                done += 1
+                yield np.frombuffer(head, dtype=dtype)
+            whole = (len(data) - skip) // size
             if whole:
-                arr = np.frombuffer(data, dtype=dtype, count=whole // size)
-                self._check(arr, done, size, is_mbo)
-                done += len(arr)
-                yield arr
-            if whole != len(data):
-                raise TruncatedFileError(
-                    self.path, f"truncated: file ends inside a record after {done} records"
-                )
+                done += whole
+                yield np.frombuffer(data, dtype=dtype, count=whole, offset=skip)
+            tail = data[skip + whole * size :]
+        if tail:
+            raise TruncatedFileError(
+                self.path, f"truncated: file ends inside a record after {done} records"
+            )
         if self._source.incomplete:
             raise TruncatedFileError(
                 self.path, f"truncated: file ends inside a zstd frame after {done} records"
@@ -356,30 +416,41 @@ class _DbnFile:
             raise CorruptFileError(self.path, f"corrupt DBN metadata ({exc})") from exc
         return metadata, version
 
-    def _check(self, arr: npt.NDArray[np.void], done: int, size: int, is_mbo: bool) -> None:
+    def check(self, arr: npt.NDArray[np.void], done: int) -> None:
+        """Raise for the first record of ``arr`` (``done`` records into the file) that is not
+        one of the file's schema."""
+        if self.schema == "mbo":
+            scratch = np.empty(len(arr), dtype=EVENT_DTYPE)
+            outcome, i, _ = convert_mbo_records(
+                arr, 0, arr.dtype.itemsize, scratch, 0, _NO_IDS, False, NO_END, False, _no_ts()
+            )
+            if outcome not in (CONVERT_DONE, CONVERT_FULL):  # FULL: the last record filled it
+                raise self.bad_record(outcome, arr[i], done + i)
+            return
         # The record header repeats the record length (in 4-byte words): a cheap guard against
         # a misaligned or corrupted stream, which would otherwise decode as plausible garbage.
-        bad = arr["length"].astype(np.int64) * 4 != size
-        if is_mbo:
-            bad |= arr["rtype"] != _MBO_RTYPE
+        bad = arr["length"].astype(np.int64) * 4 != arr.dtype.itemsize
         if bad.any():
             i = int(np.argmax(bad))
-            want = f"rtype {_MBO_RTYPE:#04x}, " if is_mbo else ""
-            raise CorruptFileError(
-                self.path,
-                f"record {done + i} has rtype {int(arr['rtype'][i]):#04x} and length "
-                f"{int(arr['length'][i]) * 4} bytes; expected {self.schema} records "
-                f"({want}{size} bytes)",
+            raise self.bad_record(BAD_RECORD, arr[i], done + i)
+
+    def bad_record(self, outcome: int, record: np.void, index: int) -> CorruptFileError:
+        """The error for record number ``index`` of the file, which the kernel stopped at with
+        ``outcome`` (a ``BAD_*`` code). A garbled record of a compressed file is most likely
+        damage to its zstd data, which zstd names once it has read the frame's checksum."""
+        self._source.verify_frame()
+        if outcome in (BAD_ACTION, BAD_SIDE):
+            field = "action" if outcome == BAD_ACTION else "side"
+            return CorruptFileError(
+                self.path, f"record {index} has invalid {field} byte {int(record[field]):#04x}"
             )
-        if is_mbo:
-            for field, valid in (("action", _VALID_ACTIONS), ("side", _VALID_SIDES)):
-                invalid = ~valid[arr[field]]
-                if invalid.any():
-                    i = int(np.argmax(invalid))
-                    raise CorruptFileError(
-                        self.path,
-                        f"record {done + i} has invalid {field} byte {int(arr[field][i]):#04x}",
-                    )
+        want = f"rtype {MBO_RTYPE:#04x}, " if self.schema == "mbo" else ""
+        return CorruptFileError(
+            self.path,
+            f"record {index} has rtype {int(record['rtype']):#04x} and length "
+            f"{int(record['length']) * 4} bytes; expected {self.schema} records "
+            f"({want}{record.dtype.itemsize} bytes)",
+        )
 
 
 def _symbol_map(metadata: Any) -> dict[str, tuple[int, ...]]:
@@ -443,7 +514,8 @@ def file_summary(path: PathLike) -> FileSummary:
         count = 0
         first: int | None = None
         last: int | None = None
-        for arr in f.records():
+        for arr in f.raw_chunks():
+            f.check(arr, count)
             count += len(arr)
             ids.update(np.unique(arr["instrument_id"]).tolist())
             if arr.dtype.names is not None and "ts_recv" in arr.dtype.names:
@@ -533,37 +605,6 @@ def _order_files(plans: list[_PlannedFile]) -> list[_PlannedFile]:
     return ordered
 
 
-class _Rebatcher:
-    """Re-cut a stream of arrays into batches of exactly ``size`` (the last may be shorter)."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._parts: list[EventArray] = []
-        self._count = 0
-
-    def push(self, events: EventArray) -> Iterator[EventArray]:
-        """Add events; yield every full batch now available."""
-        if len(events) == 0:
-            return
-        self._parts.append(events)
-        self._count += len(events)
-        if self._count < self._size:
-            return
-        merged = self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts)
-        full = len(merged) - len(merged) % self._size
-        for lo in range(0, full, self._size):
-            yield merged[lo : lo + self._size]
-        rest = merged[full:]
-        self._parts = [rest] if len(rest) else []
-        self._count = len(rest)
-
-    def flush(self) -> Iterator[EventArray]:
-        """Yield what is left as the last, shorter batch."""
-        if self._count:
-            yield self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts)
-        self._parts, self._count = [], 0
-
-
 def replay_files(
     paths: Iterable[PathLike],
     *,
@@ -601,57 +642,66 @@ def replay_files(
 
 
 def _stream(plans: list[_PlannedFile], end_ns: int | None, batch_size: int) -> Iterator[EventArray]:
-    rebatcher = _Rebatcher(batch_size)
-    prev_ts: int | None = None  # last ts_recv seen, across files
+    end = NO_END if end_ns is None else np.uint64(max(end_ns, 0))
+    last_ts = _no_ts()  # the last ts_recv seen, across files
     prev_path = Path()
+    out = np.empty(batch_size, dtype=EVENT_DTYPE)
+    filled = 0
     for plan in plans:
+        ids = _NO_IDS if plan.ids is None else plan.ids
         with _DbnFile(plan.path) as f:
-            done = 0
-            for raw in f.records():
-                ts = raw["ts_recv"]
-                if prev_ts is not None and int(ts[0]) < prev_ts:
-                    if done == 0:
-                        raise OverlappingFilesError(
-                            plan.path,
-                            f"its first record ({_fmt_ns(int(ts[0]))}) is before the last record "
-                            f"of {prev_path} ({_fmt_ns(prev_ts)}): the files overlap in time",
-                            prev_path,
-                        )
-                    raise UnsortedFileError(
-                        plan.path, f"record {done} goes back in ts_recv ({_fmt_ns(int(ts[0]))})"
-                    )
-                back = ts[1:] < ts[:-1]
-                if back.any():
-                    i = int(np.argmax(back)) + 1
-                    raise UnsortedFileError(
-                        plan.path,
-                        f"record {done + i} goes back in ts_recv ({_fmt_ns(int(ts[i]))} after "
-                        f"{_fmt_ns(int(ts[i - 1]))})",
-                    )
-                prev_ts, prev_path = int(ts[-1]), plan.path
+            done = 0  # records of this file before the current chunk
+            for raw in f.raw_chunks():
+                index = 0
+                while True:
+                    before = int(last_ts[0])
+                    outcome, index, filled = convert_mbo_records(
+                        raw, index, raw.dtype.itemsize, out, filled, ids, plan.ids is not None,
+                        end, True, last_ts,
+                    )  # fmt: skip
+                    if outcome == CONVERT_FULL:
+                        yield out
+                        out = np.empty(batch_size, dtype=EVENT_DTYPE)
+                        filled = 0
+                    elif outcome == CONVERT_DONE:
+                        break
+                    elif outcome == CONVERT_END:
+                        # ts_recv is sorted (checked), so nothing later can fall in the window.
+                        if filled:
+                            yield out[:filled]
+                        return
+                    elif outcome == GOES_BACK:
+                        raise _goes_back(plan.path, prev_path, done + index, raw[index], before)
+                    else:
+                        raise f.bad_record(outcome, raw[index], done + index)
                 done += len(raw)
-
-                keep = _keep_mask(raw, plan.ids, end_ns)
-                selected = raw if keep is None else raw[keep]
-                yield from rebatcher.push(mbo_to_events(selected))
-                # ts_recv is sorted (checked above), so nothing later can fall in the window.
-                if end_ns is not None and int(ts[-1]) >= end_ns:
-                    yield from rebatcher.flush()
-                    return
-    yield from rebatcher.flush()
+                prev_path = plan.path
+    if filled:
+        yield out[:filled]
 
 
-def _keep_mask(
-    raw: npt.NDArray[np.void], ids: npt.NDArray[np.uint32] | None, end_ns: int | None
-) -> npt.NDArray[np.bool_] | None:
-    """Which records to keep; None means all (the common unfiltered case, without a copy)."""
-    keep: npt.NDArray[np.bool_] | None = None
-    if ids is not None:
-        keep = np.isin(raw["instrument_id"], ids)
-    if end_ns is not None:
-        before_end = raw["ts_recv"] < np.uint64(end_ns)
-        keep = before_end if keep is None else keep & before_end
-    return keep
+def _goes_back(
+    path: Path, prev_path: Path, index: int, record: np.void, before: int
+) -> ReplayError:
+    ts = int(record["ts_recv"])
+    if index == 0:
+        return OverlappingFilesError(
+            path,
+            f"its first record ({_fmt_ns(ts)}) is before the last record of {prev_path} "
+            f"({_fmt_ns(before)}): the files overlap in time",
+            prev_path,
+        )
+    return UnsortedFileError(
+        path, f"record {index} goes back in ts_recv ({_fmt_ns(ts)} after {_fmt_ns(before)})"
+    )
+
+
+def _no_ts() -> npt.NDArray[np.uint64]:
+    """The kernel's carried "last ts_recv" before any record (nothing is earlier than 0)."""
+    return np.zeros(1, dtype=np.uint64)
+
+
+_NO_IDS: Final = np.zeros(0, dtype=np.uint32)
 
 
 # ------------------------------------------------------------------------------------- pacing

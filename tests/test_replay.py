@@ -214,6 +214,23 @@ def test_batches_are_full_except_the_last(sample_dir: Path) -> None:
     np.testing.assert_array_equal(np.concatenate(batches), read_all(sample_dir / ES_DEC25))
 
 
+@pytest.mark.parametrize("read_bytes", [1, 55, 56, 57, 1_000, 1 << 22])
+def test_records_split_across_reads_are_whole(
+    sample_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_bytes: int
+) -> None:
+    # A plain copy of the ES file read in steps that cut records anywhere (or never).
+    plain = tmp_path / "es.dbn"
+    with zstandard.ZstdDecompressor().stream_reader(
+        _es_zst(sample_dir), read_across_frames=True
+    ) as reader:
+        plain.write_bytes(reader.read())
+    monkeypatch.setattr("engine.replay._PLAIN_READ", read_bytes)
+    events = read_all(plain) if read_bytes > 1 else read_all(plain, end_ns=1_703_545_200 * NS)
+    expected = read_all(sample_dir / ES_DEC25)
+    np.testing.assert_array_equal(events, expected[: len(events)])
+    assert len(events) == (len(expected) if read_bytes > 1 else 8_725 + 924)
+
+
 def test_ts_out_records_are_read_with_their_longer_layout(tmp_path: Path) -> None:
     events = make_events([10 * NS, 11 * NS, 12 * NS])
     path = write_mbo(
