@@ -261,8 +261,8 @@ def test_real_es_flow_through_faults(sample_dir: Path, tmp_path: Path) -> None:
     summary = run.summary
     assert summary is not None
     assert summary.disconnects == {DisconnectReason.RESET: 1, DisconnectReason.CLOSED: 1}
-    # The client hands records on as DBN v3, which MBO records share with v1 byte for byte.
-    assert read_bronze_file(files[0])[0].version == 3
+    # Bronze is the gateway's tape: its records and its DBN version (v1), not the client's v3.
+    assert read_bronze_file(files[0])[0].version == 1
     events = np.concatenate(list(replay_files(files, instrument_id=ESH4_REAL)))
     assert len(events) == len(got)
 

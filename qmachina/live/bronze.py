@@ -466,8 +466,4 @@ def read_bronze_file(path: Path | str) -> tuple[databento_dbn.Metadata, RecordBl
     if stream is None:
         raise BronzeCorruptError(path, "the DBN header is incomplete")
     metadata = databento_dbn.Metadata.decode(raw[:header_bytes], upgrade_policy=_AS_IS)
-    body = np.frombuffer(raw, dtype=np.uint8, offset=header_bytes)
-    offsets, end = walk_records(body)
-    sizes = np.diff(offsets)
-    size = int(sizes[0]) if len(sizes) and bool((sizes == sizes[0]).all()) else None
-    return metadata, RecordBlock.from_bytes(raw[header_bytes : header_bytes + end], offsets, size)
+    return metadata, RecordBlock.parse(raw[header_bytes:])[0]

@@ -30,7 +30,7 @@ import numpy as np
 from engine.events import EVENT_DTYPE
 from engine.replay import DBN_STRUCT_MAPS, EventArray, mbo_to_events
 from qmachina.live.bronze import BronzeCorruptError, BronzeStream
-from qmachina.live.record_block import RecordBlock, walk_records
+from qmachina.live.record_block import RecordBlock
 
 __all__ = ["BronzeTail", "mbo_events"]
 
@@ -165,13 +165,9 @@ class BronzeTail:
             )
         current.fh.seek(current.position)
         data = current.fh.read(self.read_bytes)
-        offsets, end = walk_records(np.frombuffer(data, dtype=np.uint8))
-        if end == 0:
-            return RecordBlock.empty(), False
-        sizes = np.diff(offsets)
-        uniform = int(sizes[0]) if bool((sizes == sizes[0]).all()) else None
+        block, end = RecordBlock.parse(data)
         current.position += end
-        return RecordBlock.from_bytes(data[:end], offsets, uniform), len(data) == self.read_bytes
+        return block, end > 0 and len(data) == self.read_bytes
 
 
 @functools.cache

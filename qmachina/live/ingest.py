@@ -13,9 +13,10 @@ what it already has (:class:`qmachina.live.checkpoint.ReplayFilter`). The client
 A refused session (a bad API key, an unknown dataset) raises at once; nothing else does until
 ``ReconnectPolicy.max_attempts`` attempts in a row have failed.
 
-Per record, the ingestor's share of the work is one ``list.append`` on the client's event-loop
-thread; the rest happens per block on the ingestor's thread: ``bytes()`` of each record, then
-numpy over the block (control records, duplicates, checkpoint, day files) and one write.
+The client runs with its raw record path (:mod:`qmachina.live.raw_client`): its event loop
+hands the gateway's bytes on per socket read, and the ingestor's thread, woken by them, cuts
+them into record blocks and works on whole blocks with numpy (control records, duplicates,
+checkpoint, day files) and one write each: no Python per record anywhere.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any, Final
 
 import databento
 import databento_dbn
-import numpy as np
 from databento.common.error import BentoError
 from pydantic import SecretStr
 
@@ -50,7 +50,7 @@ from qmachina.live.ingest_events import (
     Reconnecting,
     SymbolMapped,
 )
-from qmachina.live.record_block import RecordBlock
+from qmachina.live.raw_client import RawRecordFeed, RawStreamError, raw_live_client
 
 __all__ = [
     "IngestSummary",
@@ -246,10 +246,8 @@ class LiveIngestor:
         self.written = 0
         self.duplicates = 0
         self._last_ts: int | None = None
-        # Per connection: what the client delivers, its DBN metadata, its replay filter and
-        # the gateway errors it reported.
-        self._pending: list[Any] = []
-        self._metadata: databento_dbn.Metadata | None = None
+        # Per connection: the gateway's bytes, its replay filter and the errors it reported.
+        self._feed = RawRecordFeed()
         self._filter = ReplayFilter(Checkpoint())
         self._errors: list[str] = []
         self._stream_checked = False
@@ -343,7 +341,9 @@ class LiveIngestor:
 
     def _connect(self, start: int | None) -> databento.Live:
         target = self.target
-        client = databento.Live(
+        feed = RawRecordFeed()
+        client = raw_live_client(
+            feed,
             key=target.key.get_secret_value(),
             gateway=target.host,
             port=target.port,
@@ -351,9 +351,6 @@ class LiveIngestor:
             heartbeat_interval_s=target.heartbeat_interval_s,
             reconnect_policy="none",
         )
-        pending: list[Any] = []
-        # The only per-record work on the client's thread: a C-level append.
-        client.add_callback(pending.append)
         try:
             client.subscribe(
                 target.dataset,
@@ -371,8 +368,7 @@ class LiveIngestor:
                 raise LiveDatasetError(f"{where}: {text}") from None
             raise LiveAuthenticationError(f"{where}: {text}") from None
         client.start()
-        self._pending = pending
-        self._metadata = None
+        self._feed = feed
         self._filter = ReplayFilter(self.bronze.checkpoint)
         self._errors = []
         self._stream_checked = False
@@ -382,27 +378,23 @@ class LiveIngestor:
         self, client: databento.Live, stop: threading.Event
     ) -> tuple[DisconnectReason, str]:
         """Take records until the connection ends or ``stop`` is set; why it ended."""
-        pending = self._pending
+        feed = self._feed
         now = time.monotonic()
         last_seen = next_progress = next_sync = now
         while True:
-            self._capture_metadata(client)
-            if pending:
+            if self._take():
                 last_seen = time.monotonic()
-                self._take(pending)
             if stop.is_set():
                 self._close(client)
                 return DisconnectReason.STOPPED, "stop requested"
             if not client.is_connected():
-                # Closed: the client has delivered every record it decoded.
-                self._capture_metadata(client)
-                self._take(pending)
+                # Closed: the client has handed on every byte it read.
+                self._take()
                 return self._why_closed(client)
             now = time.monotonic()
             if now - last_seen > self.watchdog_seconds:
-                self._capture_metadata(client)
                 client.terminate()
-                self._take(pending)
+                self._take()
                 return (
                     DisconnectReason.WATCHDOG,
                     f"nothing received for {now - last_seen:.2f}s "
@@ -414,14 +406,7 @@ class LiveIngestor:
             if now >= next_sync:
                 next_sync = now + self._sync_s
                 self.bronze.sync()
-            stop.wait(self._poll_s)
-
-    def _capture_metadata(self, client: databento.Live) -> None:
-        # Read while the connection is open: closing the client forgets its metadata.
-        if self._metadata is None:
-            self._metadata = client.metadata
-            if self._metadata is not None and self._floor is None:
-                self._floor = int(self._metadata.start)
+            feed.wait(self._poll_s)
 
     def _close(self, client: databento.Live) -> None:
         """Close on request: what the client has already received still goes to bronze."""
@@ -429,8 +414,7 @@ class LiveIngestor:
         deadline = time.monotonic() + self._drain_s
         while client.is_connected() and time.monotonic() < deadline:
             time.sleep(self._poll_s)
-        self._capture_metadata(client)
-        self._take(self._pending)
+        self._take()
         if client.is_connected():
             client.terminate()
         else:
@@ -453,22 +437,28 @@ class LiveIngestor:
 
     # --------------------------------------------------------------------------- records
 
-    def _take(self, pending: list[Any]) -> None:
-        """Move what the client delivered into bronze."""
-        n = len(pending)
-        if not n:
-            return
-        # Appends on the client's thread only ever add at the end: these two steps are safe.
-        chunk = pending[:n]
-        del pending[:n]
-        block = RecordBlock.from_records(list(map(bytes, chunk)))
+    def _take(self) -> int:
+        """Move what the gateway sent since the last call into bronze; how many records."""
+        feed = self._feed
+        metadata = feed.metadata
+        if self._floor is None and metadata is not None:
+            # A new session without a start of its own starts where its first connection did
+            # (its metadata's start), so an early fault loses nothing.
+            self._floor = int(metadata.start)
+        try:
+            block = feed.take()
+        except RawStreamError as exc:
+            raise LiveIngestError(f"{self.target.host}:{self.target.port}: {exc}") from None
+        taken = len(block)
+        if not taken:
+            return 0
         control = block.control_mask()
         if control.any():
-            for index in np.flatnonzero(control).tolist():
-                self._control(chunk[index])
+            for record in feed.decode(block.select(control)):
+                self._control(record)
             block = block.select(~control)
         if not len(block):
-            return
+            return taken
         if not self._stream_checked:
             self._begin()
         self.received += len(block)
@@ -479,9 +469,10 @@ class LiveIngestor:
             self.bronze.flush()  # a killed process loses nothing it has taken
             self.written += len(block)
             self._last_ts = int(block.ts_event[-1])
+        return taken
 
     def _begin(self) -> None:
-        metadata = self._metadata
+        metadata = self._feed.metadata
         if metadata is None:
             raise LiveIngestError("the gateway sent records before its DBN metadata")
         target = self.target

@@ -106,6 +106,17 @@ class RecordBlock:
         return cls.from_bytes(b"".join(records), offsets, size if uniform else None)
 
     @classmethod
+    def parse(cls, data: bytes) -> tuple[RecordBlock, int]:
+        """The complete records at the start of ``data`` and the byte where they end (bytes
+        after it are a torn record, see :func:`walk_records`)."""
+        offsets, end = walk_records(np.frombuffer(data, dtype=np.uint8))
+        if end == 0:
+            return cls.empty(), 0
+        sizes = np.diff(offsets)
+        uniform = int(sizes[0]) if bool((sizes == sizes[0]).all()) else None
+        return cls.from_bytes(data if end == len(data) else data[:end], offsets, uniform), end
+
+    @classmethod
     def from_bytes(cls, data: bytes, offsets: I8, record_size: int | None = None) -> RecordBlock:
         """A block over ``data`` whose records start at ``offsets[:-1]``."""
         raw = np.frombuffer(data, dtype=np.uint8)
