@@ -35,10 +35,13 @@ from qmachina.live.gateway import GatewayThread, LiveGateway
 from qmachina.live.gateway_book import MBO_RECORD_DTYPE
 from qmachina.live.gateway_faults import Fault, FaultKind, FaultSpecError, parse_fault
 from qmachina.live.gateway_protocol import (
+    HEARTBEAT,
     ProtocolError,
     cram_response,
     parse_control_line,
     parse_subscription,
+    system_record,
+    with_ts_out,
 )
 from qmachina.live.gateway_tape import load_tape
 from tests.reference_book import ReferenceBook
@@ -611,6 +614,28 @@ def test_protocol_lines_and_fault_specs() -> None:
     for bad in ("reset", "explode@5", "stall@5", "roll@5,ES.c.0=ESM4", "close@soon", "error@5,x=1"):
         with pytest.raises(FaultSpecError):
             parse_fault(bad, T0)
+
+
+def _with_ts_out_reference(records: bytes, ts_out: int) -> bytes:
+    """ts_out one record at a time: grow the length byte by two words, append the stamp."""
+    out, pos, stamp = bytearray(), 0, ts_out.to_bytes(8, "little")
+    while pos < len(records):
+        length = records[pos] * 4
+        out += bytes([records[pos] + 2]) + records[pos + 1 : pos + length] + stamp
+        pos += length
+    return bytes(out)
+
+
+def test_ts_out_stamps_every_record_as_the_reference_does(flow: Flow) -> None:
+    rng = np.random.default_rng(3)
+    mbo = flow.raw("ESH4")[:200]
+    heartbeat = system_record(3, T0, "Heartbeat", HEARTBEAT)
+    mixed = b"".join(mbo[i] if i < len(mbo) else heartbeat for i in rng.integers(0, 260, 300))
+    stamp = T0 + 123_456_789
+    for records in (b"".join(mbo), mixed, b""):
+        assert with_ts_out(records, stamp) == _with_ts_out_reference(records, stamp)
+    with pytest.raises(ValueError, match="torn record at byte 56"):
+        with_ts_out(mbo[0] + mbo[1][:20], stamp)
 
 
 def test_command_options_build_the_gateway(flow: Flow, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,10 @@ from datetime import UTC, datetime
 from typing import Final, cast
 
 import databento_dbn
+import numpy as np
 from databento_dbn import ErrorCode, SType, SystemCode
+
+from qmachina.live.record_block import walk_records
 
 __all__ = [
     "BUCKET_ID_LENGTH",
@@ -65,6 +68,7 @@ ALL_SYMBOLS: Final = "ALL_SYMBOLS"
 START_SESSION: Final = "start_session"
 SUPPORTED_COMPRESSION: Final = frozenset({"none", "zstd"})
 _UNSET_STYPE: Final = 0xFF
+_TS_OUT_WORDS: Final = 2  # the 8-byte send time grows a record by two 4-byte words
 
 # The stub types enum members as their values; these are the members, typed as such.
 _RAW_SYMBOL: Final = cast("SType", SType.RAW_SYMBOL)
@@ -364,14 +368,33 @@ def error_record(version: int, ts_event: int, message: str, code: ErrorCode) -> 
 
 
 def with_ts_out(records: bytes, ts_out: int) -> bytes:
-    """Append the send time to every record and grow its length, as for ``ts_out=1``."""
-    stamp = ts_out.to_bytes(8, "little")
-    out = bytearray()
-    pos = 0
-    while pos < len(records):
-        length = records[pos] * 4
-        out.append(records[pos] + 2)
-        out += records[pos + 1 : pos + length]
-        out += stamp
-        pos += length
-    return bytes(out)
+    """Append the send time to every record and grow its length, as for ``ts_out=1``.
+
+    Raises ``ValueError`` when ``records`` do not end on a record boundary or a record is too
+    long to grow (its length byte would pass 255 words).
+    """
+    raw = np.frombuffer(records, dtype=np.uint8)
+    offsets, end = walk_records(raw)
+    n = len(offsets) - 1
+    if end != len(raw):
+        raise ValueError(f"records end with a torn record at byte {end} of {len(raw)}")
+    if n == 0:
+        return b""
+    stamp = np.frombuffer(ts_out.to_bytes(8, "little"), dtype=np.uint8)
+    sizes = np.diff(offsets)
+    if int(raw[offsets[:-1]].max()) > 255 - _TS_OUT_WORDS:
+        raise ValueError("a record is too long to append ts_out to (255 words at most)")
+    if bool((sizes == sizes[0]).all()):
+        size = int(sizes[0])
+        table = np.empty((n, size + 8), dtype=np.uint8)
+        table[:, :size] = raw.reshape(n, size)
+        table[:, size:] = stamp
+        table[:, 0] += _TS_OUT_WORDS
+        return table.tobytes()
+    # Mixed sizes: record i moves 8 * i bytes on; its stamp follows it.
+    shift = 8 * np.arange(n, dtype=np.int64)
+    out = np.empty(len(raw) + 8 * n, dtype=np.uint8)
+    out[np.arange(len(raw), dtype=np.int64) + np.repeat(shift, sizes)] = raw
+    out[(offsets[1:] + shift)[:, None] + np.arange(8)] = stamp
+    out[offsets[:-1] + shift] += _TS_OUT_WORDS
+    return out.tobytes()
