@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from engine.read_ahead import read_ahead
 from engine.replay import replay_files
 from engine.silver import SILVER_SCHEMA_VERSION, GridConfig, SilverBuilder
 from engine.silver_parquet import SilverParquetWriter
@@ -114,7 +115,8 @@ def build_silver(
             end_ns=session.end_ns if session else None,
         )
         with SilverParquetWriter(work_dir / SILVER_FILE, builder.schema) as writer:
-            for events in batches:
+            # Decoding the next batches overlaps with building silver from this one.
+            for events in read_ahead(batches):
                 for batch in builder.feed(events):
                     writer.write(batch)
                 progress.events = builder.events_consumed
