@@ -101,13 +101,35 @@ def _print_config(config: dict[str, Any]) -> None:
 def stream(
     serving: Annotated[str, typer.Argument(help="A serving alias, or a version id (or prefix).")],
     bins: Annotated[int, typer.Option(min=0, help="Stop after this many bins (0: the end).")] = 20,
-    speed: Annotated[float, typer.Option(min=0.001, help="Replay speed, times real time.")] = 1.0,
+    source: Annotated[
+        str,
+        typer.Option(
+            help="replay: the version's own dataset; live:SESSION_ID: a live session's data "
+            "as it arrives."
+        ),
+    ] = "replay",
+    speed: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Replay speed, times real time (default 1; not for live)."),
+    ] = None,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            help="ISO-8601 time to stream from; without an offset, the instrument's local time."
+        ),
+    ] = None,
     workspace: Annotated[str, typer.Option(help="The workspace's slug.")] = "default",
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
     """Follow a serving stream: its runtime config, then each bin's signal score."""
+    if speed is not None and source != "replay":
+        raise fail("--speed is for a replay: a live source runs in real time")
     auth = StaticBearer(token) if token else client_auth(settings_or_fail(), None)
-    query = {"serving": serving, "workspace": workspace, "speed": str(speed)}
+    query = {"serving": serving, "workspace": workspace, "source": source}
+    if speed is not None:
+        query["speed"] = str(speed)
+    if start is not None:
+        query["start"] = start
     summary = follow_stream(api_base_url(api), auth, query, bins)
     out.print(f"{summary.bins} bins of version {summary.version_id}")

@@ -822,6 +822,12 @@ def test_the_stream_command_prints_the_config_then_each_bin(
     refused = CliRunner().invoke(cli, ["stream", "nowhere", "--bins", "1", *common])
     assert refused.exit_code == 2
     assert "4404" in refused.stderr
+    bad_start = CliRunner().invoke(
+        cli, ["stream", "on-screen", "--start", "half past five", "--bins", "1", *common]
+    )
+    assert bad_start.exit_code == 2
+    assert "4400" in bad_start.stderr
+    assert "start must be an ISO-8601 time" in bad_start.stderr
 
 
 # ------------------------------------------------------------------------------ live sources
@@ -1083,6 +1089,36 @@ def test_a_live_source_streams_the_bronze_as_it_grows(
         wait_until(lambda: api.hub_state() == [])
     assert [m for m in messages if isinstance(m, str)] == []  # nothing dropped: no status
     assert contents(messages) == contents(expected)
+
+
+def test_the_stream_command_follows_a_live_session(
+    api: StreamApi, world: World, sample_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tape = live_tape(sample_dir, 5)
+    session_id = live_session(api, world.desk)
+    monkeypatch.setenv("QMACHINA_DATA_DIR", str(api.data_dir))
+    common = ["--api", api.base_url, "--token", api.token("vera"), "--workspace", "desk"]
+    with open_bronze(api.bronze_root, session_id, tape, symbols=("ESH4",)) as bronze:
+        bronze.append(block_of(tape))
+        bronze.flush()
+        shown = CliRunner().invoke(
+            cli, ["stream", "live", "--source", f"live:{session_id}", "--bins", "3", *common]
+        )
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith(f"serving live (version {world.derivative_id[:12]}")
+    assert [line.split(":")[0] for line in lines[1:4]] == ["bin 0", "bin 1", "bin 2"]
+    assert lines[-1] == f"3 bins of version {world.derivative_id}"
+    paced = CliRunner().invoke(
+        cli, ["stream", "live", "--source", f"live:{session_id}", "--speed", "10", *common]
+    )
+    assert paced.exit_code == 2
+    assert "--speed is for a replay" in paced.stderr
+    unknown = CliRunner().invoke(
+        cli, ["stream", "live", "--source", f"live:{uuid.uuid4()}", "--bins", "1", *common]
+    )
+    assert unknown.exit_code == 2
+    assert "4404" in unknown.stderr
 
 
 def test_a_contract_roll_starts_a_new_segment(
