@@ -34,6 +34,7 @@ from qmachina.live.bronze import (
     NS_PER_DAY,
     Bronze,
     BronzeCorruptError,
+    BronzeError,
     BronzeLockedError,
     BronzeMismatchError,
     BronzeStream,
@@ -795,6 +796,40 @@ def test_bronze_recovery_truncates_only_a_torn_tail(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(BronzeCorruptError, match="bad record at byte"):
         Bronze.open(tmp_path, "damaged")
+
+
+def test_bronze_syncs_in_the_background_and_reports_a_failed_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        synced.append(threading.current_thread().name)
+        release.wait(5)
+        real_fsync(fd)
+
+    monkeypatch.setattr("qmachina.live.bronze.os.fsync", slow_fsync)
+    with Bronze.open(tmp_path, "bg") as bronze:
+        bronze.begin(_stream_of(T0))
+        bronze.append([_at(T0)])
+        bronze.sync(background=True)  # the file and the new directory entry
+        bronze.append([_at(T0 + 1, order=1)])  # appends go on while it runs
+        bronze.sync(background=True)  # skipped: the first one still runs
+        release.set()
+        bronze.sync()  # waits for it, then syncs here
+        assert synced == ["bronze-sync", "bronze-sync", "MainThread"]
+
+        def failing_fsync(fd: int) -> None:
+            raise OSError(errno.EIO, "I/O error")
+
+        monkeypatch.setattr("qmachina.live.bronze.os.fsync", failing_fsync)
+        bronze.sync(background=True)
+        with pytest.raises(BronzeError, match=r"fsync failed: .*I/O error"):
+            bronze.sync(background=True)
+        monkeypatch.setattr("qmachina.live.bronze.os.fsync", real_fsync)
+    assert bronze_records(bronze) == [_at(T0), _at(T0 + 1, order=1)]
 
 
 def test_bronze_refuses_a_second_writer_and_another_stream(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ import io
 import itertools
 import os
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -258,6 +259,8 @@ class Bronze:
         self._day: int | None = None  # the day file records currently go to
         self._fh: io.BufferedWriter | None = None
         self._dir_dirty = False
+        self._syncing: threading.Thread | None = None  # a background fsync
+        self._sync_error: OSError | None = None
         self._closed = False
         self.truncated: tuple[TornRecord, ...] = ()
 
@@ -415,18 +418,51 @@ class Bronze:
         if self._fh is not None:
             self._fh.flush()
 
-    def sync(self) -> None:
-        """Flush, then fsync the current file (and the directory when files were added)."""
+    def sync(self, *, background: bool = False) -> None:
+        """Flush, then fsync the current file (and the directory when files were added).
+
+        ``background``: the fsync runs on a thread of its own, so appends go on meanwhile (an
+        fsync of a second of records can take tens of milliseconds); skipped while the last
+        one still runs, and its failure is raised by the next call.
+        """
+        previous = self._syncing
+        if previous is not None and (background and previous.is_alive()):
+            return
+        if previous is not None:
+            previous.join()
+            self._syncing = None
+            self._raise_sync_error()
         if self._fh is not None:
             self._fh.flush()
-            os.fsync(self._fh.fileno())
+        # The thread syncs its own descriptors: the writer may close or move to the next day
+        # file meanwhile.
+        fds = [] if self._fh is None else [os.dup(self._fh.fileno())]
         if self._dir_dirty:
-            fd = os.open(self.session_dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fds.append(os.open(self.session_dir, os.O_RDONLY))
             self._dir_dirty = False
+        if not background:
+            self._fsync(fds)
+            self._raise_sync_error()
+        elif fds:
+            self._syncing = threading.Thread(
+                target=self._fsync, args=(fds,), name="bronze-sync", daemon=True
+            )
+            self._syncing.start()
+
+    def _fsync(self, fds: list[int]) -> None:
+        try:
+            for fd in fds:
+                os.fsync(fd)
+        except OSError as exc:
+            self._sync_error = exc
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _raise_sync_error(self) -> None:
+        error, self._sync_error = self._sync_error, None
+        if error is not None:
+            raise BronzeError(self.session_dir, f"fsync failed: {error}")
 
     def close(self) -> None:
         """Sync and close the files, and release the session."""

@@ -405,7 +405,7 @@ class LiveIngestor:
                 self._progress()
             if now >= next_sync:
                 next_sync = now + self._sync_s
-                self.bronze.sync()
+                self.bronze.sync(background=True)
             feed.wait(self._poll_s)
 
     def _close(self, client: databento.Live) -> None:
