@@ -297,6 +297,20 @@ def test_zstd_and_ts_out_sessions(flow: Flow) -> None:
     assert all(r.ts_out > 0 for r in got.of(databento_dbn.MBOMsg))
 
 
+def test_ts_out_stamps_the_send_clock_given(flow: Flow) -> None:
+    stamps = iter(range(T0 + 1, T0 + 1_000_000))
+    with gateway(flow, speed=math.inf, close_at_end=True, send_clock=lambda: next(stamps)) as gw:
+        client, got = connect(gw.port, ts_out=True)
+        client.subscribe(DATASET, "mbo", "ESH4", start=0)
+        client.start()
+        client.block_for_close(timeout=10)
+    sent = [r.ts_out for r in got.of(databento_dbn.MBOMsg)]
+    # One stamp per send, read when it goes out: non-decreasing, from the clock given.
+    assert len(sent) == COUNT
+    assert sent == sorted(sent)
+    assert T0 < sent[0] <= sent[-1] < T0 + 1_000_000
+
+
 def test_recorded_live_session_replays_and_decodes(sample_dir: Path) -> None:
     path = sample_dir / "live_test_data.live.dbn.zst"
     source = databento.DBNStore.from_bytes(path.read_bytes())

@@ -125,6 +125,9 @@ class LiveGateway:
     ``ROOT.FUT`` symbol means every outright future of ROOT). ``heartbeat_s`` overrides the
     heartbeat interval clients ask for (tests use fractions of a second). ``close_at_end``:
     once the tape is exhausted, sessions that have sent everything close gracefully.
+    ``send_clock``: what ``ts_out`` stamps on the records a session sends (ns since the epoch);
+    by default tape time. Databento's gateways stamp their wall clock: a benchmark timing
+    records from their send time passes ``time.time_ns``.
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class LiveGateway:
         parents: Mapping[str, Sequence[str | int]] | None = None,
         heartbeat_s: float | None = None,
         close_at_end: bool = False,
+        send_clock: Callable[[], int] | None = None,
     ) -> None:
         if heartbeat_s is not None and not heartbeat_s > 0:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s}")
@@ -154,6 +158,7 @@ class LiveGateway:
         self.symbology = Symbology(tape, continuous, rolls, parents)
         self.heartbeat_s = heartbeat_s
         self.close_at_end = close_at_end
+        self._send_clock = send_clock
         self._timed = sorted(
             (
                 TimedFault(i, f, tape.position_before(f.at_ns))
@@ -277,6 +282,10 @@ class LiveGateway:
         finally:
             self._sessions.discard(session)
             self._session_tasks.discard(task)
+
+    def send_time_ns(self) -> int:
+        """The send time a ``ts_out`` session's records carry now."""
+        return self.clock.now_ns() if self._send_clock is None else self._send_clock()
 
     # --------------------------------------------------------------------------- market
 

@@ -523,7 +523,7 @@ class GatewaySession:
         auth = self._auth
         assert auth is not None
         if record and auth.ts_out:
-            data = with_ts_out(data, self._gw.clock.now_ns())
+            data = with_ts_out(data, self._gw.send_time_ns())
         if self._compressor is not None:
             data = self._compressor.compress(data) + self._compressor.flush(_ZSTD_FLUSH)
         self._writer.write(data)
