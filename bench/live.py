@@ -3,38 +3,40 @@ as a rate and as the latency from a record's gateway send time to its silver bin
 
     python bench/live.py --json
 
-A seeded synthetic ES flow (``engine.synthetic``, one instrument, snapshot then live flow at the
-generator's ~20k records per second of tape time) is served by the local gateway
-(:class:`qmachina.live.gateway.LiveGateway`) in a process of its own, as fast as it goes
-(``speed=max``); every subscription asks ``start=`` the tape's start, so each one replays the
-whole tape. Ingestion is :class:`qmachina.live.ingest.LiveIngestor` (the official client, with
-``ts_out``) in a second process, as the worker runs it apart from the API. Silver is the serving
-stream's path in this process: :class:`qmachina.live.bronze_tail.BronzeTail` follows the
-session's bronze (sleeping ``--poll-ms`` when it has caught up, the serving default),
+A seeded synthetic ES flow (``engine.synthetic``, one instrument, a snapshot then live flow at
+the generator's ~20k records per second of tape time) is served by the local gateway
+(:class:`qmachina.live.gateway.LiveGateway`) in a process of its own; every subscription asks
+``start=`` the tape's start. Ingestion is :class:`qmachina.live.ingest.LiveIngestor` (the
+official client on its raw record path, with ``ts_out``) in a second process, as the worker
+runs it apart from the API. Silver is the serving stream's path in this process:
+:class:`qmachina.live.bronze_tail.BronzeTail` follows the session's bronze (sleeping
+``--poll-ms`` when it has caught up; the default is the serving default),
 :func:`~qmachina.live.bronze_tail.mbo_events` decodes, and :class:`engine.silver.SilverBuilder`
 with the shipped ES pipeline's grid is fed with ``feed_until_bin(events, -1)`` as
 ``ServingComputation.feed`` does it. A bin counts as published when that call returns it; gold,
 the signal and the wire encoding are not included. The tail and the decoding are those of
 :class:`qmachina.serving.live_source.LiveSessionSource`, without its contract-roll handling.
+The gateway stamps ``ts_out`` with the wall clock, as Databento's gateways do.
 
-Three runs on one gateway, each with its own bronze session:
+Throughput, with the gateway sending as fast as it can (``speed=max``), one bronze session each:
 
-- ``ingest_events_per_s``: gateway -> bronze alone, from the first record's gateway send time
-  until bronze holds every record;
-- ``silver_events_per_s``: following that complete bronze into silver alone, nothing else running;
-- ``events_per_s``: both at once (gateway -> bronze -> silver), from the first record's gateway
-  send time until the last record has been fed to silver (the bins it closed published). This
-  run also gives the latencies.
+- ``ingest_events_per_s``: gateway -> bronze alone, from the first record's send time until
+  bronze holds every record;
+- ``silver_events_per_s``: following that complete bronze into silver alone;
+- ``events_per_s``: both at once (gateway -> bronze -> silver), from the first record's send
+  time until the last record has been fed to silver (the bins it closed published).
 
-Latency is per record (the honest reading of "a record's gateway send time to its silver bin
-being published"): the publish wall time of the bin holding it minus its ``ts_out``. A bin's
-records are found by its ``cum_event_id`` (events fed through its end); the snapshot, which only
-builds the book, and the records of the bin still open at the end are left out. The gateway
-stamps ``ts_out`` with its market clock, which at ``speed=max`` is tape time; this benchmark
-gives it the wall clock instead, as Databento's gateways stamp it (one stamp per chunk the
-gateway writes). Replayed as fast as possible, a record also waits behind every record sent
-before it: when ingestion is slower than the gateway, the latency is mostly that backlog (as
-deep as the socket buffers let the gateway run ahead), not the pipeline's own delay.
+Sent as fast as possible, a record waits behind every record sent before it, so that run's
+latency (``max_speed``) is mostly backlog, not the pipeline's delay. The latency figures are
+therefore measured in a paced run: the gateway replays the tape in real time at the speed that
+sends ``--rate`` records per second on average (1 M/s, the target rate), its clock starting
+``--lead-s`` wall seconds before the tape so the subscription is in place before the first
+record, and ingestion and silver run at once as above. Per record (the snapshot, which only
+builds the book, and the bin still open at the end left out): its bin's publish wall time minus
+its ``ts_out`` (``latency_*``). That includes waiting for the market to close the bin (a bin of
+tape time lasts ``bin width / speed`` of wall time when paced); ``pipeline_*`` leaves it out:
+per bin, its publish time minus the send time of the first record after it, the record that
+closed it.
 
 Target (issue #7): >= 1 M events/s sustained; p99 <= 2 ms plus the bin width. The machine's
 cores are shared by the gateway, ingestion and silver: compare ratios within one run.
@@ -72,7 +74,7 @@ from engine.silver import GridConfig, SilverBuilder  # noqa: E402
 from engine.synthetic import DBN_MBO_DTYPE, generate_events, write_dbn  # noqa: E402
 from qmachina.live.bronze import Bronze, read_bronze_file  # noqa: E402
 from qmachina.live.bronze_tail import MBO_RTYPE, BronzeTail, mbo_events  # noqa: E402
-from qmachina.live.gateway import LiveGateway, TapeClock  # noqa: E402
+from qmachina.live.gateway import LiveGateway  # noqa: E402
 from qmachina.live.ingest import LiveIngestor, LiveTarget  # noqa: E402
 from qmachina.serving.live_source import DEFAULT_POLL_SECONDS  # noqa: E402
 from qmachina.silver_build import grid_config_of  # noqa: E402
@@ -94,22 +96,21 @@ STALL_SECONDS = 30.0
 MBO_WITH_SEND_TIME = np.dtype([*DBN_MBO_DTYPE.descr, ("ts_out", "<u8")])
 
 I8 = npt.NDArray[np.int64]
+# The gateway and ingestion processes fork from a fork server, not from this process: forked
+# from here they would share its heap copy-on-write, and the page copies on both sides (slow
+# on a VM: a few ms per MB touched) would stall the pipeline for its first few hundred
+# milliseconds, as no separately started worker is. The server imports this module by name
+# (preloading "__main__" does not spare each child from importing everything again).
+PROCESSES = multiprocessing.get_context("forkserver")
 
 
-class WallClockSendTimes(TapeClock):
-    """An as-fast-as-possible market clock whose "now" is the wall clock: what the gateway
-    stamps on the records it sends (``ts_out``) and on its control records. At ``speed=max``
-    the market releases records without reading it."""
-
-    def now_ns(self) -> int:
-        return time.time_ns()
-
-
-def serve_gateway(tape: Path, port_out: Connection) -> None:
-    """Child process: serve ``tape`` as fast as possible until terminated; the bound port goes
-    to ``port_out``."""
-    gateway = LiveGateway.from_files([tape], keys=[KEY], speed=math.inf)
-    gateway.clock = WallClockSendTimes(gateway.clock.origin_ns, math.inf)
+def serve_gateway(tape: Path, speed: float, start_at: int | None, port_out: Connection) -> None:
+    """Child process: serve ``tape`` at ``speed`` (math.inf: as fast as possible) from tape
+    time ``start_at`` until terminated, stamping the wall clock as ``ts_out``; the bound port
+    goes to ``port_out``."""
+    gateway = LiveGateway.from_files(
+        [tape], keys=[KEY], speed=speed, start_at=start_at, send_clock=time.time_ns
+    )
 
     async def serve() -> None:
         port_out.send(await gateway.start())
@@ -147,15 +148,17 @@ def ingest_session(
 def start_process(target: Any, *args: object) -> tuple[BaseProcess, Connection]:
     """``target(*args, sender)`` in a process of its own; the receiving end of ``sender``."""
     receiver, sender = multiprocessing.Pipe(duplex=False)
-    process = multiprocessing.Process(target=target, args=(*args, sender), daemon=True)
+    process = PROCESSES.Process(target=target, args=(*args, sender), daemon=True)
     process.start()
     sender.close()  # the child holds the only sending end: its exit ends receiver.recv()
     return process, receiver
 
 
-def start_gateway(tape: Path) -> tuple[BaseProcess, int]:
+def start_gateway(
+    tape: Path, speed: float = math.inf, start_at: int | None = None
+) -> tuple[BaseProcess, int]:
     """The gateway process and its port."""
-    process, receiver = start_process(serve_gateway, tape)
+    process, receiver = start_process(serve_gateway, tape, speed, start_at)
     try:
         port = int(receiver.recv())
     except EOFError:
@@ -235,6 +238,14 @@ def received_records(session_dir: Path, instrument_id: int) -> npt.NDArray[np.vo
     return np.concatenate(parts)
 
 
+def pipeline_ms(run: SilverRun, received: npt.NDArray[np.void]) -> npt.NDArray[np.float64]:
+    """Per published bin followed by a record: its publish time minus the send time of that
+    record (the one that closed it; record ``cum_event_id`` in feed order), in ms."""
+    closed = run.cum_events < len(received)
+    sent = received["ts_out"][run.cum_events[closed]].astype(np.int64)
+    return np.asarray((run.published_ns[closed] - sent) / 1e6, dtype=np.float64)
+
+
 def latencies_ms(run: SilverRun, received: npt.NDArray[np.void]) -> npt.NDArray[np.float64]:
     """Per record in a published bin (the snapshot aside): its bin's publish time minus its
     gateway send time, in ms. Record ``i`` (in feed order) is in the first bin whose
@@ -244,6 +255,28 @@ def latencies_ms(run: SilverRun, received: npt.NDArray[np.void]) -> npt.NDArray[
     bins = np.searchsorted(run.cum_events, index[in_bin], side="right")
     sent = received["ts_out"][in_bin].astype(np.int64)
     return np.asarray((run.published_ns[bins] - sent) / 1e6, dtype=np.float64)
+
+
+def live_run(
+    port: int, session_dir: Path, start_ns: int, n: int, instrument_id: int, poll_seconds: float
+) -> tuple[SilverRun, npt.NDArray[np.void], int]:
+    """Ingestion (in its own process) and silver (here) at once; the silver run, the records
+    bronze received and the wall time bronze held them all."""
+    root, session = session_dir.parent, session_dir.name
+    ingest, done = start_process(ingest_session, port, root, session, start_ns, n)
+    run = follow_into_silver(session_dir, instrument_id, n, poll_seconds)
+    bronze_ns = bronze_done_ns(done, ingest)
+    return run, received_records(session_dir, instrument_id), bronze_ns
+
+
+def spread(values: npt.NDArray[np.float64]) -> dict[str, float]:
+    """p50, p99 and max, rounded (ms)."""
+    p50, p99 = (float(v) for v in np.percentile(values, [50, 99]))
+    return {
+        "p50_ms": round(p50, 3),
+        "p99_ms": round(p99, 3),
+        "max_ms": round(float(values.max()), 3),
+    }
 
 
 def main() -> None:
@@ -256,9 +289,19 @@ def main() -> None:
         default=DEFAULT_POLL_SECONDS * 1000,
         help="how long the silver follow sleeps once it has caught up with bronze",
     )
+    parser.add_argument(
+        "--rate", type=float, default=TARGET_EVENTS_PER_S, help="records/s of the paced run"
+    )
+    parser.add_argument(
+        "--lead-s",
+        type=float,
+        default=2.0,
+        help="wall seconds the paced gateway's clock runs before the tape's first record",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the tape and the bronze")
     args = parser.parse_args()
+    PROCESSES.set_forkserver_preload(["bench.live"])
     n = args.events
     poll_seconds = args.poll_ms / 1000
 
@@ -267,6 +310,10 @@ def main() -> None:
         events = generate_events(n, args.seed)
         instrument_id = int(events["instrument_id"][0])
         start_ns = int(events["ts_recv"][0])
+        # The gateway releases MBO records by ts_recv.
+        flow = events["ts_recv"][(events["flags"] & F_SNAPSHOT) == 0].astype(np.int64)
+        # The replay speed at which the tape's flow comes at args.rate records per second.
+        speed = args.rate * (int(flow[-1]) - int(flow[0])) / 1e9 / len(flow)
         tape = workdir / "tape.mbo.dbn"
         write_dbn(events, tape, dataset=DATASET, symbol=SYMBOL)
         warm = SilverBuilder(ES_GRID)  # compile (or load the numba cache) before timing
@@ -282,45 +329,59 @@ def main() -> None:
                 received_records(bronze_root / "ingest", instrument_id)["ts_out"][0]
             )
             silver = follow_into_silver(bronze_root / "ingest", instrument_id, n, poll_seconds)
-
-            ingest, done = start_process(ingest_session, port, bronze_root, "live", start_ns, n)
-            live = follow_into_silver(bronze_root / "live", instrument_id, n, poll_seconds)
-            live_bronze_ns = bronze_done_ns(done, ingest)
+            live, received, live_bronze_ns = live_run(
+                port, bronze_root / "live", start_ns, n, instrument_id, poll_seconds
+            )
         finally:
             gateway.terminate()
             gateway.join(timeout=10)
-        received = received_records(bronze_root / "live", instrument_id)
+
+        lead_ns = int(args.lead_s * speed * 1e9)
+        gateway, port = start_gateway(tape, speed, start_ns - lead_ns)
+        try:
+            paced, paced_received, _ = live_run(
+                port, bronze_root / "paced", start_ns, n, instrument_id, poll_seconds
+            )
+        finally:
+            gateway.terminate()
+            gateway.join(timeout=10)
     finally:
         if not args.keep:
             shutil.rmtree(workdir)
 
-    latency = latencies_ms(live, received)
     live_sent_ns = int(received["ts_out"][0])
+    paced_sent_ns = int(paced_received["ts_out"][0])
     seconds = {
         "end_to_end": (live.finished_ns - live_sent_ns) / 1e9,
         "end_to_end_bronze": (live_bronze_ns - live_sent_ns) / 1e9,
         "ingest_only": (ingest_done_ns - ingest_sent_ns) / 1e9,
         "silver_only": (silver.finished_ns - silver.started_ns) / 1e9,
+        "paced": (paced.finished_ns - paced_sent_ns) / 1e9,
     }
     bin_width_ms = ES_GRID.bin_width_ns / 1e6
     target_p99_ms = TARGET_LATENCY_MS_BEYOND_BIN + bin_width_ms
     events_per_s = n / seconds["end_to_end"]
-    p50, p99 = (float(v) for v in np.percentile(latency, [50, 99]))
+    latency = spread(latencies_ms(paced, paced_received))
+    pipeline = spread(pipeline_ms(paced, paced_received))
     result: dict[str, Any] = {
         "events": n,
-        "bins": live.bins,
-        "latency_records": len(latency),
         "events_per_s": round(events_per_s),
         "ingest_events_per_s": round(n / seconds["ingest_only"]),
         "silver_events_per_s": round(n / seconds["silver_only"]),
-        "latency_p50_ms": round(p50, 3),
-        "latency_p99_ms": round(p99, 3),
-        "latency_max_ms": round(float(latency.max()), 3),
+        "latency_p50_ms": latency["p50_ms"],
+        "latency_p99_ms": latency["p99_ms"],
+        "latency_max_ms": latency["max_ms"],
+        "pipeline_p50_ms": pipeline["p50_ms"],
+        "pipeline_p99_ms": pipeline["p99_ms"],
+        "pipeline_max_ms": pipeline["max_ms"],
+        "paced_events_per_s": round(n / seconds["paced"]),
         "bin_width_ms": bin_width_ms,
         "target_events_per_s": TARGET_EVENTS_PER_S,
         "target_p99_ms": target_p99_ms,
         "meets_throughput_target": events_per_s >= TARGET_EVENTS_PER_S,
-        "meets_latency_target": p99 <= target_p99_ms,
+        "meets_latency_target": latency["p99_ms"] <= target_p99_ms,
+        "max_speed_latency": spread(latencies_ms(live, received)),
+        "bins": {"max_speed": live.bins, "paced": paced.bins},
         "seconds": {name: round(value, 3) for name, value in seconds.items()},
         "config": {
             "pipeline": ES_PIPELINE.spec.name,
@@ -333,9 +394,12 @@ def main() -> None:
                 "grid_radius_ticks": ES_GRID.grid_radius_ticks,
                 "n_absolute_ticks": ES_GRID.n_absolute_ticks,
             },
-            "gateway_speed": "max",
+            "paced_rate": args.rate,
+            "paced_speed": round(speed, 3),
+            "paced_lead_s": args.lead_s,
             "silver_poll_ms": args.poll_ms,
-            "latency": "per record: bin publish wall time - gateway ts_out (wall clock)",
+            "latency": "paced run, per record: bin publish wall time - gateway ts_out (wall)",
+            "pipeline_delay": "paced run, per bin: publish wall time - its closing record ts_out",
         },
     }
     if args.keep:

@@ -4,10 +4,11 @@
 
 A synthetic two-instrument MBO tape is served by ``qmachina gateway`` in its own process, as
 fast as it goes; each run subscribes with ``start=`` the tape's start, so the whole tape is
-replayed. Three runs on one gateway: the official client alone (a ``list.append`` callback,
-the least any consumer can do), the client decoding and ``bytes()`` per record (what
-ingestion needs of every record), and :class:`qmachina.live.ingest.LiveIngestor` into bronze.
-Compare ratios within one run (2 cores: gateway, client and ingestor share them).
+replayed. Three runs on one gateway: the stock official client alone (a ``list.append``
+callback, the least any consumer of its decoded records can do), the same client on its raw
+record path (:mod:`qmachina.live.raw_client`: the gateway's bytes cut into record blocks), and
+:class:`qmachina.live.ingest.LiveIngestor` into bronze (the raw path, then bronze). Compare
+ratios within one run (2 cores: gateway, client and ingestor share them).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from qmachina.live.bronze import Bronze  # noqa: E402
 from qmachina.live.gateway_book import MBO_RECORD_DTYPE  # noqa: E402
 from qmachina.live.ingest import LiveIngestor, LiveTarget  # noqa: E402
+from qmachina.live.raw_client import RawRecordFeed, raw_live_client  # noqa: E402
 
 KEY = "db-" + "b" * 24 + "bench"
 DATASET = "GLBX.MDP3"
@@ -87,19 +89,32 @@ def start_gateway(tape: Path) -> tuple[subprocess.Popen[str], int]:
     return proc, port
 
 
-def client_only(port: int, n: int, per_record_bytes: bool) -> float:
-    """Seconds for the bare client to deliver ``n`` records to a callback."""
+def stock_client(port: int, n: int) -> float:
+    """Seconds for the stock client to deliver ``n`` decoded records to a callback."""
     client = databento.Live(key=KEY, gateway="127.0.0.1", port=port)
     got: list[Any] = []
-    if per_record_bytes:
-        client.add_callback(lambda record: got.append(bytes(record)))
-    else:
-        client.add_callback(got.append)
+    client.add_callback(got.append)
     client.subscribe(DATASET, "mbo", ["1001", "1002"], stype_in="instrument_id", start=T0)
     started = time.perf_counter()
     client.start()
     while len(got) < n + 3:  # + acknowledgement and two symbol mappings
         time.sleep(0.002)
+    elapsed = time.perf_counter() - started
+    client.terminate()
+    return elapsed
+
+
+def raw_client(port: int, n: int) -> float:
+    """Seconds for the client's raw record path to hand on ``n`` records in blocks."""
+    feed = RawRecordFeed()
+    client = raw_live_client(feed, key=KEY, gateway="127.0.0.1", port=port)
+    client.subscribe(DATASET, "mbo", ["1001", "1002"], stype_in="instrument_id", start=T0)
+    started = time.perf_counter()
+    client.start()
+    got = 0
+    while got < n + 3:  # + acknowledgement and two symbol mappings
+        feed.wait(0.002)
+        got += len(feed.take())
     elapsed = time.perf_counter() - started
     client.terminate()
     return elapsed
@@ -142,8 +157,8 @@ def main() -> None:
         proc, port = start_gateway(tape)
         try:
             seconds = {
-                "client_append": client_only(port, n, per_record_bytes=False),
-                "client_bytes": client_only(port, n, per_record_bytes=True),
+                "stock_client": stock_client(port, n),
+                "raw_client": raw_client(port, n),
                 "ingestor_to_bronze": ingestor(port, n, Path(tmp) / "bronze"),
             }
         finally:
