@@ -826,6 +826,11 @@ def test_bronze_syncs_in_the_background_and_reports_a_failed_fsync(
 
         monkeypatch.setattr("qmachina.live.bronze.os.fsync", failing_fsync)
         bronze.sync(background=True)
+        # Once that fsync has failed (not before: a running one makes the next call a no-op),
+        # the next call raises its error.
+        for thread in threading.enumerate():
+            if thread.name == "bronze-sync":
+                thread.join()
         with pytest.raises(BronzeError, match=r"fsync failed: .*I/O error"):
             bronze.sync(background=True)
         monkeypatch.setattr("qmachina.live.bronze.os.fsync", real_fsync)
