@@ -132,6 +132,9 @@ class SilverBuilder:
         """``session_start_ns``: records before it build the book only; bin 0 opens there."""
         self.config = config
         self.schema = silver_schema(config)
+        # The tick columns' exact list types (non-null items): built with them, a record batch
+        # needs no cast per column and bin.
+        self._tick_list_types = [self.schema.field(name).type for name, _ in TICK_COLUMNS]
         self.book = OrderBook(config.tick_size)
         self.params = config.kernel_params()
         n_grid = config.n_absolute_ticks
@@ -297,14 +300,16 @@ class SilverBuilder:
             pa.array(n_ticks.astype(np.int32)),
         ]
         float_index = 0
-        for name, dtype in TICK_COLUMNS:
+        for (name, dtype), list_type in zip(TICK_COLUMNS, self._tick_list_types, strict=True):
             if dtype == pa.int32():
                 depth_index = sk.CHANNEL_NAMES.index(name) - sk.N_FLOW
                 values = rows_depth[depth_index].copy()
             else:
                 values = rows_float[float_index].copy()
                 float_index += 1
-            columns.append(pa.ListArray.from_arrays(offsets_array, pa.array(values)))
+            columns.append(
+                pa.ListArray.from_arrays(offsets_array, pa.array(values), type=list_type)
+            )
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
     # -- checkpoints -----------------------------------------------------------------------
