@@ -9,11 +9,12 @@ the generator's ~20k records per second of tape time) is served by the local gat
 ``start=`` the tape's start. Ingestion is :class:`qmachina.live.ingest.LiveIngestor` (the
 official client on its raw record path, with ``ts_out``) in a second process, as the worker
 runs it apart from the API. Silver is the serving stream's path in this process:
-:class:`qmachina.live.bronze_tail.BronzeTail` follows the session's bronze (sleeping
-``--poll-ms`` when it has caught up; the default is the serving default),
+:class:`qmachina.live.bronze_tail.BronzeTail` follows the session's bronze (once caught up it
+sleeps as serving does, :class:`~qmachina.live.bronze_tail.FollowWait`: 1 ms after records
+arrived, doubling while none do, up to ``--poll-ms``, by default serving's 50 ms),
 :func:`~qmachina.live.bronze_tail.mbo_events` decodes, and :class:`engine.silver.SilverBuilder`
-with the shipped ES pipeline's grid is fed with ``feed_until_bin(events, -1)`` as
-``ServingComputation.feed`` does it. A bin counts as published when that call returns it; gold,
+with the shipped ES pipeline's grid is fed with ``feed_promptly(events)`` as
+``ServingComputation.feed`` does it. A bin counts as published when that call yields it; gold,
 the signal and the wire encoding are not included. The tail and the decoding are those of
 :class:`qmachina.serving.live_source.LiveSessionSource`, without its contract-roll handling.
 The gateway stamps ``ts_out`` with the wall clock, as Databento's gateways do.
@@ -76,10 +77,13 @@ from engine.events import F_SNAPSHOT  # noqa: E402
 from engine.silver import GridConfig, SilverBuilder  # noqa: E402
 from engine.synthetic import DBN_MBO_DTYPE, generate_events, write_dbn  # noqa: E402
 from qmachina.live.bronze import Bronze, read_bronze_file  # noqa: E402
-from qmachina.live.bronze_tail import MBO_RTYPE, BronzeTail, mbo_events  # noqa: E402
+from qmachina.live.bronze_tail import MBO_RTYPE, BronzeTail, FollowWait, mbo_events  # noqa: E402
 from qmachina.live.gateway import LiveGateway  # noqa: E402
 from qmachina.live.ingest import LiveIngestor, LiveTarget  # noqa: E402
-from qmachina.serving.live_source import DEFAULT_POLL_SECONDS  # noqa: E402
+from qmachina.serving.live_source import (  # noqa: E402
+    DEFAULT_MIN_POLL_SECONDS,
+    DEFAULT_POLL_SECONDS,
+)
 from qmachina.silver_build import grid_config_of  # noqa: E402
 from qmachina.specs.pipeline import default_configs_root, resolve_pipeline  # noqa: E402
 
@@ -209,6 +213,7 @@ def follow_into_silver(
     fed = 0
     started_ns = time.time_ns()
     last_seen = time.monotonic()
+    idle = FollowWait(min(DEFAULT_MIN_POLL_SECONDS, poll_seconds), poll_seconds)
     with BronzeTail(session_dir) as tail:
         while fed < records:
             blocks = tail.read()
@@ -216,17 +221,18 @@ def follow_into_silver(
             if not blocks:
                 if time.monotonic() - last_seen > STALL_SECONDS:
                     raise RuntimeError(f"{session_dir}: no new bronze for {STALL_SECONDS:g} s")
-                time.sleep(poll_seconds)
+                time.sleep(idle.seconds())
                 continue
+            idle.arrived()
             last_seen = time.monotonic()
             assert tail.stream is not None  # a block is read only after the header
             for block in blocks:
                 events = mbo_events(block, tail.stream.version, instrument_id, ts_out=True)
-                _, batches = builder.feed_until_bin(events, -1)
-                now = time.time_ns()
-                for batch in batches:
-                    cum_events.append(batch.column("cum_event_id").to_numpy())
-                    published_ns.append(np.full(batch.num_rows, now, dtype=np.int64))
+                for batches in builder.feed_promptly(events):
+                    now = time.time_ns()
+                    for batch in batches:
+                        cum_events.append(batch.column("cum_event_id").to_numpy())
+                        published_ns.append(np.full(batch.num_rows, now, dtype=np.int64))
                 fed += len(events)
                 fed_through.append(fed)
                 read_ns.append(read_at)
@@ -317,7 +323,8 @@ def main() -> None:
         "--poll-ms",
         type=float,
         default=DEFAULT_POLL_SECONDS * 1000,
-        help="how long the silver follow sleeps once it has caught up with bronze",
+        help="the longest the silver follow sleeps once it has caught up with bronze (it "
+        "starts at 1 ms after records arrive and doubles while none do, as serving does)",
     )
     parser.add_argument(
         "--rate", type=float, default=TARGET_EVENTS_PER_S, help="records/s of the paced run"

@@ -15,6 +15,7 @@ even spread it is centred on a tick and has ``2R + 1``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,8 @@ from engine.events import PRICE_SCALE
 SILVER_SCHEMA_VERSION = "qmachina.silver/1"
 CHECKPOINT_FORMAT = "qmachina.silver-checkpoint/1"
 DEFAULT_BINS_PER_BATCH = 4096
+#: Events per step of :meth:`SilverBuilder.feed_promptly`: about 2 ms of book and silver work.
+PROMPT_SLICE_EVENTS = 8192
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,19 @@ class SilverBuilder:
         position = self._drive(events, 0, bin_seq, batches)
         batches.extend(self._take_output())
         return position, batches
+
+    def feed_promptly(
+        self, events: np.ndarray, slice_events: int = PROMPT_SLICE_EVENTS
+    ) -> Iterator[list[pa.RecordBatch]]:
+        """Apply events ``slice_events`` at a time and yield the bins each slice closed, so a
+        bin leaves at most one slice's work after the record that closed it, however large the
+        batch (a stream following live data); the bins are those of :meth:`feed`."""
+        if slice_events < 1:
+            raise ValueError(f"slice_events must be >= 1, got {slice_events}")
+        for lo in range(0, len(events), slice_events):
+            _, batches = self.feed_until_bin(events[lo : lo + slice_events], -1)
+            if batches:
+                yield batches
 
     def _drive(
         self,

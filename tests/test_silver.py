@@ -715,6 +715,29 @@ def es_table(es_events: np.ndarray) -> pa.Table:
     return fast_table(ES, es_events)
 
 
+def test_feed_promptly_yields_each_bin_with_the_slice_that_closed_it(
+    es_events: np.ndarray, es_table: pa.Table
+) -> None:
+    builder = SilverBuilder(ES)
+    slice_events = 5_000
+    steps = list(builder.feed_promptly(es_events, slice_events))
+    batches = [batch for step in steps for batch in step] + builder.finish()
+    # The same bins as one feed of the whole batch.
+    assert pa.Table.from_batches(batches, schema=builder.schema).equals(es_table)
+    # A bin closes at the record after its events (index cum_event_id): each step holds the
+    # bins closed by the records of one slice, in order, and no slice's bins wait for the next.
+    closing_slices = [
+        {int(c) // slice_events for b in step for c in b.column("cum_event_id").to_pylist()}
+        for step in steps
+    ]
+    assert all(len(slices) == 1 for slices in closing_slices)
+    order = [min(slices) for slices in closing_slices]
+    assert order == sorted(set(order))
+    assert len(steps) > 1
+    with pytest.raises(ValueError, match="slice_events"):
+        next(SilverBuilder(ES).feed_promptly(es_events, 0))
+
+
 def test_es_silver_basic_facts(es_events: np.ndarray, es_table: pa.Table) -> None:
     table = es_table
     width = ES.bin_width_ns

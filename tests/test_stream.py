@@ -57,7 +57,7 @@ from qmachina.auth import mint_token
 from qmachina.cli import app as cli
 from qmachina.experiment_run import silver_frame_of
 from qmachina.live.bronze import Bronze, BronzeMismatchError, BronzeStream
-from qmachina.live.bronze_tail import BronzeTail, mbo_events
+from qmachina.live.bronze_tail import BronzeTail, FollowWait, mbo_events
 from qmachina.live.gateway_book import MBO_RECORD_DTYPE
 from qmachina.live.gateway_protocol import with_ts_out
 from qmachina.live.record_block import RecordBlock
@@ -991,6 +991,16 @@ def live_session(api: StreamApi, workspace_id: str, *rolls: ContractRollEvent) -
 
     api.run(create())
     return session_id
+
+
+def test_a_follow_looks_again_soon_after_records_and_backs_off_while_none_come() -> None:
+    idle = FollowWait(0.001, 0.05)
+    waits = [idle.seconds() for _ in range(8)]
+    assert waits == [0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.05, 0.05]
+    idle.arrived()
+    assert idle.seconds() == 0.001
+    with pytest.raises(ValueError, match="shortest"):
+        FollowWait(0.1, 0.05)
 
 
 def test_bronze_tail_never_decodes_a_torn_record(tmp_path: Path, sample_dir: Path) -> None:

@@ -32,7 +32,7 @@ from engine.replay import DBN_STRUCT_MAPS, EventArray, mbo_to_events
 from qmachina.live.bronze import BronzeCorruptError, BronzeStream
 from qmachina.live.record_block import RecordBlock
 
-__all__ = ["BronzeTail", "mbo_events"]
+__all__ = ["BronzeTail", "FollowWait", "mbo_events"]
 
 MBO_RTYPE: Final = 0xA0
 DEFAULT_READ_BYTES: Final = 16 << 20
@@ -46,6 +46,32 @@ class _OpenFile:
     path: Path
     fh: BinaryIO
     position: int  # the byte after the last complete record taken
+
+
+class FollowWait:
+    """How long a follower of growing bronze sleeps once it has caught up.
+
+    Right after records arrived it looks again after ``shortest`` seconds, so a busy market
+    (records every millisecond or so) is followed within about that; each look that finds
+    nothing doubles the wait up to ``longest``, so a quiet one costs next to nothing.
+    """
+
+    def __init__(self, shortest: float, longest: float) -> None:
+        if not 0 < shortest <= longest:
+            raise ValueError(f"need 0 < shortest <= longest, got {shortest} and {longest}")
+        self.shortest = shortest
+        self.longest = longest
+        self._next = shortest
+
+    def arrived(self) -> None:
+        """Records arrived: look again soon."""
+        self._next = self.shortest
+
+    def seconds(self) -> float:
+        """How long to sleep after a look that found nothing."""
+        wait = self._next
+        self._next = min(2 * wait, self.longest)
+        return wait
 
 
 class BronzeTail:

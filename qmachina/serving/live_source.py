@@ -41,7 +41,7 @@ import numpy as np
 
 from engine.replay import EventArray
 from qmachina.live.bronze import BronzeStream
-from qmachina.live.bronze_tail import MBO_RTYPE, BronzeTail, mbo_events
+from qmachina.live.bronze_tail import MBO_RTYPE, BronzeTail, FollowWait, mbo_events
 from qmachina.live.record_block import RecordBlock
 from qmachina.specs.pipeline import CaptureSpec
 
@@ -56,7 +56,9 @@ __all__ = [
     "SessionRoll",
 ]
 
+#: The longest and the shortest sleep of a follow that has caught up (see FollowWait).
 DEFAULT_POLL_SECONDS: Final = 0.05
+DEFAULT_MIN_POLL_SECONDS: Final = 0.001
 DEFAULT_ROLL_POLL_SECONDS: Final = 1.0
 _RESOLVABLE_STYPES: Final = ("raw_symbol", "continuous", "instrument_id")
 
@@ -125,6 +127,7 @@ class LiveSessionSource:
     rolls: RollReader
     stop: threading.Event
     poll_seconds: float = DEFAULT_POLL_SECONDS
+    min_poll_seconds: float = DEFAULT_MIN_POLL_SECONDS
     roll_poll_seconds: float = DEFAULT_ROLL_POLL_SECONDS
     clock: Callable[[], float] = time.monotonic
     _known_rolls: Sequence[SessionRoll] = field(default=(), init=False)
@@ -274,13 +277,15 @@ class LiveSessionSource:
         seen = False  # whether the served contract has had a record yet
         high = 0  # the running maximum of ts_event: the stream's market time
         blocks = pending
+        idle = FollowWait(self.min_poll_seconds, self.poll_seconds)
         while not self.stop.is_set():
             if not blocks:
                 self._refresh_rolls()
                 blocks = tail.read()
                 if not blocks:
-                    self.stop.wait(self.poll_seconds)
+                    self.stop.wait(idle.seconds())
                     continue
+                idle.arrived()
             for block in blocks:
                 since: int | None = None  # where in the block the data may show a roll
                 if follows_data and seen:

@@ -390,11 +390,10 @@ class ServingComputation:
 
     def feed(self, events: EventArray) -> Iterator[tuple[pa.RecordBatch, GoldBin, float]]:
         """The bins the events close, each with its gold and score."""
-        # feed_until_bin with no bin to stop at (-1, as feed passes) is feed plus a flush of the
-        # bins closed so far: a stream cannot wait for an output buffer to fill.
-        position, batches = self.builder.feed_until_bin(events, -1)
-        assert position == len(events)
-        yield from self._bins(batches)
+        # A stream cannot wait for an output buffer to fill, nor for the end of a large batch
+        # (live data that arrived all at once): bins leave as soon as their slice is done.
+        for batches in self.builder.feed_promptly(events):
+            yield from self._bins(batches)
 
     def finish(self) -> Iterator[tuple[pa.RecordBatch, GoldBin, float]]:
         """The bins left at the end of the data (up to the session end, as the offline build)."""
