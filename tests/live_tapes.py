@@ -57,3 +57,11 @@ def write_tape(path: Path, records: npt.NDArray[np.void], symbol: str) -> None:
         version=3,
     )
     path.write_bytes(bytes(metadata.encode()) + records.tobytes())
+
+
+def write_two_contract_tape(root: Path) -> list[Path]:
+    """ESH4's and ESM4's interleaved flows, one file each, under ``root``."""
+    paths = [root / "esh4.mbo.dbn", root / "esm4.mbo.dbn"]
+    write_tape(paths[0], mbo_flow(ESH4, 0, seed=1), "ESH4")
+    write_tape(paths[1], mbo_flow(ESM4, STEP_NS // 2, seed=2), "ESM4")
+    return paths

@@ -84,8 +84,7 @@ from tests.live_tapes import (
     ESM4,
     STEP_NS,
     T0,
-    mbo_flow,
-    write_tape,
+    write_two_contract_tape,
 )
 
 KEY = "db-" + "k" * 24 + "tests"
@@ -101,11 +100,7 @@ HEARTBEAT_S = 0.05
 
 @pytest.fixture(scope="module")
 def tape_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("tape")
-    paths = [root / "esh4.mbo.dbn", root / "esm4.mbo.dbn"]
-    write_tape(paths[0], mbo_flow(ESH4, 0, seed=1), "ESH4")
-    write_tape(paths[1], mbo_flow(ESM4, STEP_NS // 2, seed=2), "ESM4")
-    return paths
+    return write_two_contract_tape(tmp_path_factory.mktemp("tape"))
 
 
 def gateway(paths: list[Path], **options: Any) -> LiveGateway:

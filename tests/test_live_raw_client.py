@@ -29,7 +29,7 @@ from qmachina.live.raw_client import (
     raw_live_client,
 )
 from qmachina.live.record_block import CONTROL_RTYPES, RecordBlock
-from tests.live_tapes import DATASET, ESH4, ESM4, STEP_NS, T0, mbo_flow, write_tape
+from tests.live_tapes import DATASET, ESH4, ESM4, T0, write_two_contract_tape
 
 KEY = "db-" + "r" * 24 + "tests"
 MBO = 0xA0
@@ -40,11 +40,7 @@ _UPGRADE = cast(
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    root = tmp_path_factory.mktemp("raw-tape")
-    paths = [root / "esh4.mbo.dbn", root / "esm4.mbo.dbn"]
-    write_tape(paths[0], mbo_flow(ESH4, 0, seed=1), "ESH4")
-    write_tape(paths[1], mbo_flow(ESM4, STEP_NS // 2, seed=2), "ESM4")
-    return paths
+    return write_two_contract_tape(tmp_path_factory.mktemp("raw-tape"))
 
 
 def _finished(gateway: LiveGateway) -> LiveGateway:
