@@ -1273,37 +1273,6 @@ def test_a_calendar_session_follows_its_recorded_rolls(tmp_path: Path, sample_di
     assert np.array_equal(read_until(new.events, len(expected), stop), expected)
 
 
-def test_a_calendar_stream_opened_before_the_first_contract_is_recorded_waits_for_it(
-    tmp_path: Path, sample_dir: Path
-) -> None:
-    tape = live_tape(sample_dir, 2)
-    with open_bronze(tmp_path, "early", tape, stype_in="raw_symbol", symbols=("ESH4", "ESM4")) as b:
-        b.append(block_of(tape))
-    recorded: list[SessionRoll] = []
-    reads = 0
-
-    def rolls() -> list[SessionRoll]:
-        nonlocal reads
-        reads += 1
-        if reads == 3:  # the ingestor records the first contract a moment after the start
-            recorded.append(SessionRoll("ES", None, None, ESH4_ID, "ESH4", OPEN_NS))
-        return list(recorded)
-
-    capture = CaptureSpec(dataset_files=("unused.dbn",), raw_symbol="ESH4")
-    stop = threading.Event()
-    source = LiveSessionSource(
-        tmp_path / "early", capture, rolls, stop, poll_seconds=0.01, roll_poll_seconds=0.01
-    )
-    first = next(source.segments())
-    assert first.contract == Contract(ESH4_ID, "ESH4")
-    assert reads >= 3
-    # Once rolls are recorded, a symbol none of them names is refused at once.
-    other = CaptureSpec(dataset_files=("unused.dbn",), raw_symbol="ESM4")
-    later = LiveSessionSource(tmp_path / "early", other, rolls, stop, poll_seconds=0.01)
-    with pytest.raises(LiveSourceError, match="not known"):
-        next(later.segments())
-
-
 def test_a_session_with_send_times_feeds_the_same_events(tmp_path: Path, sample_dir: Path) -> None:
     """A ``ts_out`` subscription's records end with the gateway's send time: bronze says so in
     its header, keeps it across a resume, and the live source reads the same events."""

@@ -193,21 +193,18 @@ class LiveSessionSource:
             return Contract(capture.instrument_id, self._symbol_of(capture.instrument_id))
         symbol = capture.raw_symbol
         assert symbol is not None  # a capture names an instrument id or a raw symbol
+        for roll in self._known_rolls:
+            if roll.from_symbol == symbol and roll.from_instrument_id is not None:
+                return Contract(roll.from_instrument_id, symbol)
+            if roll.to_symbol == symbol:
+                return Contract(roll.to_instrument_id, symbol)
+        for roll in self._known_rolls:
+            if roll.symbol == symbol and roll.from_instrument_id is not None:
+                return Contract(roll.from_instrument_id, roll.from_symbol)
         stream = tail.stream
         assert stream is not None
-        subscribed = list(stream.symbols)
-        calendar = stream.stype_in == "raw_symbol" and len(subscribed) > 1
-        if calendar and not self._known_rolls and symbol in subscribed:
-            # A calendar session names its first contract's instrument in a roll row once the
-            # contract's first record has arrived: a stream opened before that waits for it.
-            while not self._known_rolls:
-                if self.stop.wait(self.roll_poll_seconds):
-                    return None
-                self._refresh_rolls(force=True)
-        contract = self._contract_from_rolls(symbol)
-        if contract is not None:
-            return contract
         session = self.session_dir.name
+        subscribed = list(stream.symbols)
         if len(subscribed) != 1 or stream.stype_in not in _RESOLVABLE_STYPES:
             raise LiveSourceError(
                 f"live session {session} subscribes {subscribed} ({stream.stype_in}): which of "
@@ -233,18 +230,6 @@ class LiveSessionSource:
                 blocks += fresh
             elif self.stop.wait(self.poll_seconds):
                 return None
-
-    def _contract_from_rolls(self, symbol: str) -> Contract | None:
-        """The contract of ``symbol`` as the recorded rolls name it, if they do."""
-        for roll in self._known_rolls:
-            if roll.from_symbol == symbol and roll.from_instrument_id is not None:
-                return Contract(roll.from_instrument_id, symbol)
-            if roll.to_symbol == symbol:
-                return Contract(roll.to_instrument_id, symbol)
-        for roll in self._known_rolls:
-            if roll.symbol == symbol and roll.from_instrument_id is not None:
-                return Contract(roll.from_instrument_id, roll.from_symbol)
-        return None
 
     def _symbol_of(self, instrument_id: int) -> str | None:
         """The raw symbol a recorded roll gives the instrument, if any does."""
