@@ -420,11 +420,8 @@ class _DbnFile:
         """Raise for the first record of ``arr`` (``done`` records into the file) that is not
         one of the file's schema."""
         if self.schema == "mbo":
-            scratch = np.empty(len(arr), dtype=EVENT_DTYPE)
-            outcome, i, _ = convert_mbo_records(
-                arr, 0, arr.dtype.itemsize, scratch, 0, _NO_IDS, False, NO_END, False, _no_ts()
-            )
-            if outcome not in (CONVERT_DONE, CONVERT_FULL):  # FULL: the last record filled it
+            outcome, i = _copy_mbo(arr, np.empty(len(arr), dtype=EVENT_DTYPE))
+            if outcome != CONVERT_DONE:
                 raise self.bad_record(outcome, arr[i], done + i)
             return
         # The record header repeats the record length (in 4-byte words): a cheap guard against
@@ -463,11 +460,29 @@ def _symbol_map(metadata: Any) -> dict[str, tuple[int, ...]]:
 
 
 def mbo_to_events(raw: npt.NDArray[np.void]) -> EventArray:
-    """Copy the envelope fields by name (vectorised; action/side are already ASCII codes)."""
+    """Every record of ``raw`` (DBN MBO records) in the envelope, checked and copied by the
+    replay kernel as replay does it (in any ``ts_recv`` order). Raises ``ValueError`` naming
+    the first record that is not an MBO record."""
     out = np.empty(len(raw), dtype=EVENT_DTYPE)
-    for name in EVENT_DTYPE.names or ():
-        out[name] = raw[name]
+    outcome, index = _copy_mbo(raw, out)
+    if outcome != CONVERT_DONE:
+        record = raw[index]
+        raise ValueError(
+            f"record {index} is not an MBO record (rtype {int(record['rtype']):#04x}, length "
+            f"{int(record['length']) * 4} bytes, action {int(record['action']):#04x}, side "
+            f"{int(record['side']):#04x})"
+        )
     return out
+
+
+def _copy_mbo(raw: npt.NDArray[np.void], out: EventArray) -> tuple[int, int]:
+    """Check and copy all of ``raw`` into ``out`` (as long): ``(CONVERT_DONE, len(raw))``, or
+    the ``BAD_*`` outcome and index of the first record that is not an MBO record."""
+    outcome, index, _ = convert_mbo_records(
+        raw, 0, raw.dtype.itemsize, out, 0, _NO_IDS, False, NO_END, False, _no_ts()
+    )
+    # FULL: the last record filled ``out``, which is as long as ``raw``.
+    return (CONVERT_DONE, index) if outcome == CONVERT_FULL else (outcome, index)
 
 
 def _fmt_ns(ns: int | None) -> str:

@@ -32,6 +32,7 @@ from engine.replay import (
     UnsortedFileError,
     UnsupportedFileError,
     file_summary,
+    mbo_to_events,
     paced,
     replay_files,
     session_window_ns,
@@ -229,6 +230,21 @@ def test_records_split_across_reads_are_whole(
     expected = read_all(sample_dir / ES_DEC25)
     np.testing.assert_array_equal(events, expected[: len(events)])
     assert len(events) == (len(expected) if read_bytes > 1 else 8_725 + 924)
+
+
+def test_mbo_to_events_copies_raw_records_as_replay_does_and_names_a_bad_one(
+    sample_dir: Path,
+) -> None:
+    data = _plain(sample_dir)
+    dtype = np.dtype([(n, "u1" if c == "S1" else c) for n, c in databento_dbn.MBOMsg._dtypes])
+    raw = np.frombuffer(data[len(data) - 2 * dtype.itemsize :], dtype=dtype)
+    np.testing.assert_array_equal(
+        mbo_to_events(raw), read_all(sample_dir / "dbn_test_data.mbo.v3.dbn")
+    )
+    bad = raw.copy()
+    bad["side"][1] = ord("Q")
+    with pytest.raises(ValueError, match=r"record 1 is not an MBO record .* side 0x51"):
+        mbo_to_events(bad)
 
 
 def test_ts_out_records_are_read_with_their_longer_layout(tmp_path: Path) -> None:
